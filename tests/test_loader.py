@@ -1,0 +1,214 @@
+import functools
+import hashlib
+import time
+
+import numpy as np
+import optree
+import pytest
+import torch
+
+import metabatch as mb
+from tests import tasks_for_tests as T
+
+
+def digest(batches) -> str:
+    h = hashlib.sha256()
+    for batch in batches:
+        for leaf in optree.tree_leaves(batch):
+            h.update(str((tuple(leaf.shape), leaf.dtype)).encode())
+            h.update(leaf.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def sinusoid_specs(**kw):
+    args = dict(seed=0, num_tasks=1000, batch_size=16, n_ctx=(1, 5), n_tgt=(1, 10), num_batches=6)
+    args.update(kw)
+    return mb.batch_specs(**args)
+
+
+GOLDEN_DIGEST = "e62617c9f249e7b16a9f71abc19e1c6c9e8357619f725d2e19e413c0a4edbd41"
+
+
+def test_golden_first_batches():
+    batches = list(mb.task_loader(T.sinusoid, sinusoid_specs()))
+    assert digest(batches[:1]) == GOLDEN_DIGEST
+    first = batches[0]
+    assert first["context"][0].shape == (16, 3, 1)
+    assert first["target"][1].shape == (16, 3, 1)
+    assert first["idx"].tolist() == list(sinusoid_specs()[0].indices)
+
+
+def test_task_j_is_built_from_fold_in_of_the_batch_key():
+    spec = sinusoid_specs()[2]
+    batch = mb.build_batch(T.sinusoid, spec)
+    for j in (0, 5, 15):
+        one = T.sinusoid(mb.random.fold_in(spec.key, j), spec.indices[j], spec.n_ctx, spec.n_tgt)
+        assert np.array_equal(batch["target"][1][j].numpy(), one["target"][1])
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core CI machine
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
+def test_stream_is_independent_of_worker_count(num_workers):
+    ref = digest(mb.task_loader(T.sinusoid, sinusoid_specs()))
+    assert digest(mb.task_loader(T.sinusoid, sinusoid_specs(), num_workers=num_workers)) == ref
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_stream_is_independent_of_start_method(context):
+    specs = sinusoid_specs(num_batches=3)
+    ref = digest(mb.task_loader(T.sinusoid, specs))
+    got = digest(mb.task_loader(T.sinusoid, specs, num_workers=2, multiprocessing_context=context))
+    assert got == ref
+
+
+def one_buffer(batch) -> bool:
+    """True when the leaves of a batch sit back to back (64-byte aligned) in one buffer."""
+    spans = sorted((leaf.data_ptr(), leaf.data_ptr() + leaf.nbytes) for leaf in optree.tree_leaves(batch))
+    return all(0 <= b[0] - a[1] < 64 for a, b in zip(spans, spans[1:]))
+
+
+def test_large_batches_travel_in_one_shared_buffer():
+    specs = mb.batch_specs(0, 50, 4, 3, 2, num_batches=4)
+    ref = list(mb.task_loader(T.big_task, specs))
+    got = list(mb.task_loader(T.big_task, specs, num_workers=2))
+    assert digest(got) == digest(ref)
+    for x, y in got:
+        assert one_buffer((x, y))
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_worker_sends_one_message_per_batch():
+    big_builder = mb.task_loader(T.big_task, mb.batch_specs(0, 50, 4, 3, 2)).dataset
+    small_builder = mb.task_loader(T.sinusoid, sinusoid_specs()).dataset
+    info = type("Info", (), {"id": 0})()
+    real = torch.utils.data.get_worker_info
+    torch.utils.data.get_worker_info = lambda: info  # pretend to be a worker
+    try:
+        big = big_builder[mb.batch_specs(0, 50, 4, 3, 2)[0]]
+        small = small_builder[sinusoid_specs()[0]]
+    finally:
+        torch.utils.data.get_worker_info = real
+    assert isinstance(big.buf, torch.Tensor) and big.buf.is_shared()
+    assert isinstance(small.buf, np.ndarray)  # inline bytes: no shared-memory segment
+    assert digest([big.unpack()]) == digest([mb.build_batch(T.big_task, mb.batch_specs(0, 50, 4, 3, 2)[0])])
+
+
+def test_small_batches_travel_inline_as_one_buffer():
+    for batch in mb.task_loader(T.sinusoid, sinusoid_specs(num_batches=2), num_workers=1):
+        assert one_buffer(batch)
+
+
+def test_torch_leaves_and_pin_memory_option():
+    specs = mb.batch_specs(3, 20, 4, (2, 3), 5, num_batches=3)
+    ref = list(mb.task_loader(T.torch_task, specs))
+    got = list(mb.task_loader(T.torch_task, specs, num_workers=2, prefetch_factor=1,
+                              persistent_workers=True, timeout=30))
+    assert digest(got) == digest(ref)
+    x, y = ref[0]
+    assert x.shape == (4, specs[0].n_ctx, 3) and y.shape == (4, 5)
+
+
+def test_resume_from_start_reproduces_the_tail():
+    full = list(mb.task_loader(T.sinusoid, sinusoid_specs(), num_workers=2))
+    tail = list(mb.task_loader(T.sinusoid, sinusoid_specs(start=4), num_workers=2))
+    assert digest(tail) == digest(full[4:])
+
+
+def test_ranks_union_is_the_single_process_batch():
+    single = list(mb.task_loader(T.sinusoid, sinusoid_specs(num_batches=3)))
+    ranks = [list(mb.task_loader(T.sinusoid, sinusoid_specs(num_batches=3, rank=r, world_size=4),
+                                 num_workers=r % 2)) for r in range(4)]
+    for step in range(3):
+        joined = optree.tree_map(lambda *xs: torch.cat(xs), *[r[step] for r in ranks])
+        assert digest([joined]) == digest([single[step]])
+
+
+def test_stack_and_numbers():
+    out = mb.stack([{"a": 1.0, "b": np.int32(2), "c": torch.zeros(2)}, {"a": 2.0, "b": np.int32(3),
+                                                                        "c": torch.ones(2)}])
+    assert out["a"].tolist() == [1.0, 2.0] and out["a"].dtype == torch.float32
+    assert out["b"].dtype == torch.int32 and out["c"].shape == (2, 2)
+
+
+def test_user_collate_fn_gets_the_list_of_task_outputs():
+    def count(outputs):
+        return len(outputs)
+    assert list(mb.task_loader(T.sinusoid, sinusoid_specs(num_batches=2), collate_fn=count)) == [16, 16]
+
+
+def test_inputs_are_not_mutated():
+    arr = np.arange(6.0)
+    spec = mb.batch_specs(0, 5, 2, 1, 1)[0]
+    mb.build_batch(lambda k, i, c, t: arr, spec)
+    assert arr.tolist() == list(np.arange(6.0))
+
+
+# ----- bad input: clear errors, nothing hangs ----------------------------------------------------
+
+def bad_specs():
+    return mb.batch_specs(0, num_tasks=10, batch_size=10, n_ctx=3, n_tgt=3, shuffle=False, num_batches=1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("task, what", [
+    (T.ragged, r"leaf \['x'\] has shape \(3, 2\) vs \(4, 2\)"),
+    (T.restructured, "pytree structure"),
+    (T.retyped, "dtype torch.float32 vs torch.float64"),
+])
+def test_mismatched_tasks_name_both_tasks_and_the_step(task, what, num_workers):
+    with pytest.raises(ValueError, match=what) as info:
+        list(mb.task_loader(task, bad_specs(), num_workers=num_workers))
+    assert "step 0: task 0 (index 0) and task 7 (index 7)" in str(info.value)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_task_errors_keep_type_and_carry_step_index_key(num_workers):
+    with pytest.raises(KeyError, match="no such character: 7") as info:
+        list(mb.task_loader(T.failing, bad_specs(), num_workers=num_workers))
+    text = str(info.value) + "".join(getattr(info.value, "__notes__", []))
+    spec = bad_specs()[0]
+    assert "step 0, task 7 of the batch (index 7)" in text
+    assert repr(mb.random.fold_in(spec.key, 7)) in text
+
+
+def test_unsupported_leaf_is_named():
+    with pytest.raises(TypeError, match=r"leaf \['name'\].*str"):
+        list(mb.task_loader(T.string_leaf, bad_specs()))
+
+
+def test_killed_worker_raises_instead_of_hanging():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="(?i)worker"):
+        list(mb.task_loader(T.killer, bad_specs(), num_workers=1, timeout=20))
+    assert time.monotonic() - start < 20
+
+
+def test_unpicklable_task_with_spawn_says_why():
+    with pytest.raises(TypeError, match="module level"):
+        mb.task_loader(lambda k, i, c, t: 0, bad_specs(), num_workers=1, multiprocessing_context="spawn")
+    # a partial of a module-level function is fine
+    mb.task_loader(functools.partial(T.sinusoid), bad_specs(), num_workers=1, multiprocessing_context="spawn")
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(num_workers=-1), ValueError, "num_workers"),
+    (dict(batch_size=4), TypeError, "batch_size"),
+    (dict(shuffle=True), TypeError, "shuffle"),
+])
+def test_bad_loader_arguments(kw, err, match):
+    with pytest.raises(err, match=match):
+        mb.task_loader(T.sinusoid, bad_specs(), **kw)
+
+
+def test_not_callable_and_bad_sampler():
+    with pytest.raises(TypeError, match="callable"):
+        mb.task_loader(3, bad_specs())
+    with pytest.raises(TypeError, match="BatchSpec"):
+        list(mb.task_loader(T.sinusoid, [1, 2]))
+
+
+def test_loader_exposes_specs_and_task():
+    loader = mb.task_loader(T.sinusoid, bad_specs())
+    assert isinstance(loader, torch.utils.data.DataLoader)
+    assert loader.specs is not None and loader.sample_task is T.sinusoid
+    assert len(loader) == 1
