@@ -12,6 +12,7 @@ Example:
 """
 
 from . import random
+from .compat import TaskLoader, TaskSet
 from .loader import TaskDataLoader, build_batch, stack, task_loader
 from .sampler import BatchSpec, BatchSpecs, batch_specs
 
@@ -26,5 +27,7 @@ __all__ = [
     "TaskDataLoader",
     "build_batch",
     "stack",
+    "TaskSet",
+    "TaskLoader",
     "__version__",
 ]

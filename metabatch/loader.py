@@ -334,6 +334,32 @@ def _start_method(context) -> str:
     return context.get_start_method()
 
 
+def _check_loader_args(sample_task, num_workers, collate_fn, options) -> None:
+    if not callable(sample_task):
+        raise TypeError(f"task_loader(): sample_task must be callable, got {sample_task!r}.")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"task_loader(): num_workers must be an int >= 0, got {num_workers!r}.")
+    bad = [k for k in _NOT_OPTIONS if k in options]
+    if bad:
+        raise TypeError(f"task_loader(): {', '.join(bad)} cannot be set here: batches come from the "
+                        f"specs; set batch_size and shuffle in metabatch.batch_specs(...).")
+    if num_workers == 0:
+        return
+    method = _start_method(options.get("multiprocessing_context"))
+    if method == "fork":
+        return
+    for name, obj in (("sample_task", sample_task), ("collate_fn", collate_fn)):
+        try:
+            pickle.dumps(obj)
+        except Exception as err:
+            raise TypeError(
+                f"task_loader(): {name}={obj!r} cannot be pickled ({err}), but '{method}' workers "
+                f"receive it pickled. Define it at module level (def {name}(...) in an importable "
+                f"module, not a lambda or a nested function), use functools.partial of such a "
+                f"function for its settings, or use multiprocessing_context='fork' where the "
+                f"platform has it.") from err
+
+
 def task_loader(sample_task: Callable, specs: Iterable[BatchSpec], *, num_workers: int = 0,
                 collate_fn: Callable | None = None, **dataloader_options) -> TaskDataLoader:
     """A DataLoader whose workers build whole, stacked batches of tasks.
@@ -372,26 +398,6 @@ def task_loader(sample_task: Callable, specs: Iterable[BatchSpec], *, num_worker
         >>> for batch in mb.task_loader(sample_task, specs):
         ...     assert batch["target"].shape == (8, 10, 1)
     """
-    if not callable(sample_task):
-        raise TypeError(f"task_loader(): sample_task must be callable, got {sample_task!r}.")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"task_loader(): num_workers must be an int >= 0, got {num_workers!r}.")
-    bad = [k for k in _NOT_OPTIONS if k in dataloader_options]
-    if bad:
-        raise TypeError(f"task_loader(): {', '.join(bad)} cannot be set here: batches come from the "
-                        f"specs; set batch_size and shuffle in metabatch.batch_specs(...).")
-    if num_workers > 0:
-        method = _start_method(dataloader_options.get("multiprocessing_context"))
-        if method != "fork":
-            for name, obj in (("sample_task", sample_task), ("collate_fn", collate_fn)):
-                try:
-                    pickle.dumps(obj)
-                except Exception as err:
-                    raise TypeError(
-                        f"task_loader(): {name}={obj!r} cannot be pickled ({err}), but "
-                        f"'{method}' workers receive it pickled. Define it at module level "
-                        f"(def {name}(...) in an importable module, not a lambda or a nested "
-                        f"function), use functools.partial of such a function for its settings, "
-                        f"or use multiprocessing_context='fork' where the platform has it.") from err
+    _check_loader_args(sample_task, num_workers, collate_fn, dataloader_options)
     return TaskDataLoader(_BatchBuilder(sample_task, collate_fn), batch_size=None, sampler=specs,
                           num_workers=num_workers, collate_fn=_identity, **dataloader_options)
