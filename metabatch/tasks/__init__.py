@@ -18,4 +18,4 @@ Example:
 from .classification import Classification, classification
 from .regression import GP, gp, sinusoid
 
-__all__ = ["sinusoid", "gp", "GP", "classification", "Classification"]
+__all__ = ["GP", "Classification", "classification", "gp", "sinusoid"]

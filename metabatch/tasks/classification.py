@@ -20,7 +20,7 @@ import torch
 from .. import random as _random
 from . import _checks
 
-__all__ = ["classification", "Classification"]
+__all__ = ["Classification", "classification"]
 
 
 def _as_array(classes, fn: str) -> np.ndarray:

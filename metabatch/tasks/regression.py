@@ -19,7 +19,7 @@ import numpy as np
 from .. import random as _random
 from . import _checks
 
-__all__ = ["sinusoid", "gp", "GP"]
+__all__ = ["GP", "gp", "sinusoid"]
 
 _FINN_AMPLITUDE = (0.1, 5.0)
 _FINN_PHASE = (0.0, math.pi)
