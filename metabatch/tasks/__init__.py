@@ -3,6 +3,8 @@
 - :func:`sinusoid`: sine-wave regression (Finn et al. 2017).
 - :func:`gp`: 1-D Gaussian-process functions, for neural processes.
 - :func:`classification`: N-way K-shot classification over any class array.
+- :mod:`metabatch.tasks.omniglot`: Omniglot from its official zips or folders,
+  and Lake et al.'s one-shot classification runs.
 
 Every family takes all its randomness from the task key, so a batch depends
 only on ``(seed, step)``, never on the number of loader workers.
@@ -15,7 +17,8 @@ Example:
     (25, 10, 1)
 """
 
+from . import omniglot
 from .classification import Classification, classification
 from .regression import GP, gp, sinusoid
 
-__all__ = ["GP", "Classification", "classification", "gp", "sinusoid"]
+__all__ = ["GP", "Classification", "classification", "gp", "omniglot", "sinusoid"]

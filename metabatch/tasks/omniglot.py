@@ -1,0 +1,724 @@
+"""Omniglot (Lake et al. 2015): the official zips or folders as one class array.
+
+:func:`load` reads ``images_background.zip``, ``images_evaluation.zip``,
+``images_background_small1.zip`` / ``small2.zip`` or their unpacked folders
+(``alphabet/character/*.png``), resizes every image (28x28 by default) and
+returns an :class:`Omniglot`: a uint8 array ``[num_classes, 20, size, size]``
+(ink 255 on paper 0) plus the alphabet and character name of every class, so
+that you can split by alphabet with :func:`select`. Feed ``data.images`` to
+:func:`metabatch.tasks.classification` for N-way K-shot tasks.
+
+The resized array is cached as a uint8 ``.npy`` (plus a ``.json`` of names)
+next to the data, or, where that folder is read-only, in
+``$METABATCH_CACHE/omniglot`` (default ``~/.cache/metabatch/omniglot``), or
+in the ``cache_dir`` you pass. Pillow decodes the PNG files; it is needed only to build a cache.
+
+:func:`load_runs` reads the 20 one-shot classification runs of Lake et al.
+(``all_runs.zip``: ``runXX/training/classNN.png``, ``runXX/test/itemNN.png``,
+``runXX/class_labels.txt``) and :func:`score_runs` scores a classifier on
+them. :func:`download` fetches the official files (``load(...,
+download=True)`` calls it) and checks their sha256.
+
+Cite: Lake, Salakhutdinov & Tenenbaum (2015), Human-level concept learning
+through probabilistic program induction, Science 350(6266), 1332-1338.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import operator
+import os
+import urllib.request
+import warnings
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .classification import _item_shape, _to_float
+
+__all__ = [
+    "SOURCES",
+    "Omniglot",
+    "Run",
+    "RunsScore",
+    "Source",
+    "concat",
+    "download",
+    "load",
+    "load_runs",
+    "score_runs",
+    "select",
+]
+
+
+class Source(NamedTuple):
+    """Where an official Omniglot file lives and what it must hash to.
+
+    Attributes:
+        url: the download URL (Brenden Lake's repository).
+        sha256: the hex sha256 of the file, or ``None`` where none is published.
+        size: the size in bytes, or ``None``.
+    """
+
+    url: str
+    sha256: str | None
+    size: int | None
+
+
+_BASE = "https://github.com/brendenlake/omniglot/raw/master/python/"
+
+#: The official files. The four image zips' checksums are those that TensorFlow Datasets
+#: pins for the same URLs (the two small zips were verified against local copies);
+#: ``all_runs.zip`` has no published checksum: pass ``download(..., sha256=...)`` to pin one.
+SOURCES = {
+    "images_background.zip": Source(
+        _BASE + "images_background.zip",
+        "ad41ab679c8b5d90b271ef46be6987cc81211774a695c29dcc5367b2b26ee640", 9464212),
+    "images_evaluation.zip": Source(
+        _BASE + "images_evaluation.zip",
+        "1f61a8f3366785b057fc117d9228e78a16e3d976c8953b2a10fcc74cf0609cee", 6462886),
+    "images_background_small1.zip": Source(
+        _BASE + "images_background_small1.zip",
+        "f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4", 1319022),
+    "images_background_small2.zip": Source(
+        _BASE + "images_background_small2.zip",
+        "3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f", 1580917),
+    "all_runs.zip": Source(_BASE + "one-shot-classification/all_runs.zip", None, None),
+}
+
+# The URL opener, a module attribute so that tests can serve local files instead.
+_urlopen = urllib.request.urlopen
+
+_RESAMPLE = ("lanczos", "box", "bilinear", "bicubic", "hamming", "nearest")
+_CACHE_FORMAT = 1
+
+
+class Omniglot(NamedTuple):
+    """Omniglot characters as one class array.
+
+    Attributes:
+        images: uint8 ``[num_classes, examples_per_class, size, size]``, ink 255
+            on paper 0; classes sorted by (alphabet, character), examples by
+            file name (drawer).
+        alphabets: the alphabet name of each class, e.g. ``"Japanese_(katakana)"``.
+        characters: the character folder of each class, e.g. ``"character07"``.
+    """
+
+    images: np.ndarray
+    alphabets: tuple
+    characters: tuple
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise ImportError("metabatch.tasks.omniglot needs Pillow to decode the Omniglot PNG files: "
+                          "pip install pillow (or pip install 'metabatch[omniglot]'). Arrays already "
+                          "cached as .npy load without it.") from err
+    return Image
+
+
+def _check_size(size) -> int | None:
+    if size is None:
+        return None
+    if isinstance(size, bool):
+        raise TypeError(f"size must be an int or None (keep 105x105), got {size!r}.")
+    try:
+        size = operator.index(size)
+    except TypeError:
+        raise TypeError(f"size must be an int or None (keep 105x105), got {size!r}.") from None
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}.")
+    return size
+
+
+def _check_resample(resample) -> str:
+    if resample not in _RESAMPLE:
+        raise ValueError(f"resample must be one of {', '.join(map(repr, _RESAMPLE))}, got {resample!r}.")
+    return resample
+
+
+def _decode(data: bytes, size: int | None, resample: str) -> np.ndarray:
+    """One PNG -> uint8 (ink 255), resized to ``size x size`` with Pillow's ``resample`` filter."""
+    Image = _pil()
+    with Image.open(io.BytesIO(data)) as im:
+        ink = 255 - np.asarray(im.convert("L"), dtype=np.uint8)
+    if size is not None and ink.shape != (size, size):
+        filt = getattr(Image.Resampling, resample.upper())
+        ink = np.asarray(Image.fromarray(ink).resize((size, size), filt), dtype=np.uint8)
+    return ink
+
+
+# -- reading a zip or a folder ------------------------------------------------------------------
+
+def _pngs(path: Path) -> tuple[dict, Callable[[str], bytes], Callable[[], None]]:
+    """``{(alphabet, character): [names]}``, a reader for a name, and a closer."""
+    groups: dict = {}
+    if path.is_dir():
+        files = [p for p in path.rglob("*.png") if not any(part.startswith((".", "__MACOSX"))
+                                                         for part in p.relative_to(path).parts)]
+        for p in files:
+            parts = (path.name,) + p.relative_to(path).parts
+            groups.setdefault((parts[-3], parts[-2]), []).append(str(p))
+        return groups, lambda name: Path(name).read_bytes(), lambda: None
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{path} is neither a folder nor a valid zip file ({err}); pass an official "
+                         f"Omniglot zip or its unpacked alphabet/character/*.png folder.") from None
+    for name in archive.namelist():
+        parts = (path.stem,) + PurePosixPath(name).parts
+        if name.lower().endswith(".png") and not any(p.startswith((".", "__MACOSX")) for p in parts[1:]):
+            groups.setdefault((parts[-3], parts[-2]), []).append(name)
+    return groups, archive.read, archive.close
+
+
+def _read_source(path: Path, size: int | None, resample: str) -> Omniglot:
+    groups, read, close = _pngs(path)
+    try:
+        if not groups:
+            raise ValueError(f"found no PNG files in {path}; Omniglot data must follow the layout "
+                             f"alphabet/character/*.png (as in the official zips).")
+        keys = sorted(groups)
+        counts = {k: len(groups[k]) for k in keys}
+        common = max(set(counts.values()), key=list(counts.values()).count)
+        odd = [k for k in keys if counts[k] != common]
+        if odd:
+            a, c = odd[0]
+            raise ValueError(f"{path}: character {a}/{c} has {counts[odd[0]]} images but most have "
+                             f"{common}; every class needs the same number of examples (remove or "
+                             f"complete the {len(odd)} odd character folder(s)).")
+        images = None
+        for i, k in enumerate(keys):
+            for j, name in enumerate(sorted(groups[k])):
+                ink = _decode(read(name), size, resample)
+                if images is None:
+                    images = np.empty((len(keys), common) + ink.shape, np.uint8)
+                if ink.shape != images.shape[2:]:
+                    raise ValueError(f"{path}: {name} is {ink.shape[1]}x{ink.shape[0]} but earlier images "
+                                     f"are {images.shape[3]}x{images.shape[2]}; pass size=... to resize "
+                                     f"them all.")
+                images[i, j] = ink
+    finally:
+        close()
+    return Omniglot(images, tuple(a for a, _ in keys), tuple(c for _, c in keys))
+
+
+def _fingerprint(path: Path) -> str:
+    """A cheap identity of the source's content: the zip's directory (names, CRCs) or the files' stats."""
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(path.rglob("*.png")):
+            st = p.stat()
+            h.update(f"{p.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    else:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                h.update(f"{info.filename}:{info.CRC}:{info.file_size}\n".encode())
+    return h.hexdigest()
+
+
+# -- the cache ----------------------------------------------------------------------------------
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get("METABATCH_CACHE")
+    if root:
+        return Path(root).expanduser() / "omniglot"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "metabatch" / "omniglot"
+
+
+def _cache_stems(path: Path, tag: str, cache_dir) -> list:
+    """Cache file stems (without .npy/.json) in the order they are tried."""
+    stem = path.name[:-4] if path.name.lower().endswith(".zip") else path.name
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
+    away = f"{stem}-{digest}.{tag}"  # in a shared cache folder: keyed by the source's location too
+    if cache_dir is not None:
+        return [Path(cache_dir).expanduser() / away]
+    return [path.parent / f"{stem}.{tag}", _default_cache_dir() / away]
+
+
+def _writable(folder: Path) -> bool:
+    """Whether to write into ``folder``: writable for us *and* not marked read-only.
+
+    A folder without any write bit (``r-xr-xr-x``, like a shared data folder)
+    counts as read-only even for root, who could write there anyway.
+    """
+    try:
+        return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def _read_cache(stem: Path, fingerprint: str) -> Omniglot | None:
+    npy, meta = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
+    try:
+        info = json.loads(meta.read_text())
+        if info.get("format") != _CACHE_FORMAT or info.get("fingerprint") != fingerprint:
+            return None
+        images = np.load(npy, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    alphabets, characters = tuple(info["alphabets"]), tuple(info["characters"])
+    if images.dtype != np.uint8 or images.ndim != 4 or not len(images) == len(alphabets) == len(characters):
+        return None
+    return Omniglot(images, alphabets, characters)
+
+
+def _write_cache(stem: Path, data: Omniglot, info: dict) -> None:
+    """Write ``stem.npy`` then ``stem.json``, each atomically (a temporary file, then a rename)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    info = dict(info, alphabets=list(data.alphabets), characters=list(data.characters))
+    for suffix, write in ((".npy", lambda f: np.save(f, data.images, allow_pickle=False)),
+                          (".json", lambda f: f.write(json.dumps(info, indent=1).encode()))):
+        final = stem.with_name(stem.name + suffix)
+        tmp = stem.with_name(f".{stem.name}{suffix}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def load(path, *, size: int | None = 28, resample: str = "lanczos", cache: bool = True,
+         cache_dir=None, download: bool = False) -> Omniglot:
+    """Read Omniglot from an official zip or its unpacked folder.
+
+    Images are inverted (ink 255 on paper 0, as models expect) and resized
+    with Pillow's ``resample`` filter (Lanczos, as in Finn et al.'s MAML
+    preprocessing). The first call decodes every PNG (a few seconds for
+    ``images_background.zip``) and caches the result; later calls read the
+    cache (milliseconds). A cache is used only while the source is unchanged
+    (same zip directory, or same file sizes and times in a folder).
+
+    Args:
+        path: a zip (``images_background.zip``, ``images_evaluation.zip``,
+            ``images_background_small1.zip`` ...) or a folder holding
+            ``alphabet/character/*.png`` (one level above is fine too).
+        size: the output side in pixels; ``None`` keeps 105x105.
+        resample: ``"lanczos"``, ``"box"``, ``"bilinear"``, ``"bicubic"``,
+            ``"hamming"`` or ``"nearest"``.
+        cache: read and write the cache; ``False`` always decodes.
+        cache_dir: where the cache lives (created if missing). ``None``: next
+            to the data, or, if that folder is read-only (not writable, or
+            without any write bit, as shared data folders are: left alone
+            even by root), ``$METABATCH_CACHE/omniglot``, by default
+            ``~/.cache/metabatch/omniglot``.
+        download: if ``path`` is missing and named like an official file, fetch
+            it there first with :func:`download`.
+
+    Returns:
+        An :class:`Omniglot` ``(images, alphabets, characters)``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (and ``download`` is off).
+        ValueError: no PNG files, characters with different numbers of images,
+            a bad ``size`` or ``resample``.
+        ImportError: Pillow is missing and there is no cache to read.
+        OSError: ``cache_dir`` was given but cannot be written.
+
+    Example:
+        >>> import tempfile, pathlib, numpy as np
+        >>> from PIL import Image
+        >>> from metabatch.tasks import omniglot
+        >>> with tempfile.TemporaryDirectory() as tmp:   # 2 alphabets x 1 character x 3 drawers
+        ...     for alphabet in ("Greek", "Latin"):
+        ...         folder = pathlib.Path(tmp, alphabet, "character01")
+        ...         folder.mkdir(parents=True)
+        ...         for i in range(3):
+        ...             Image.new("1", (105, 105), 1).save(folder / f"0001_0{i}.png")
+        ...     data = omniglot.load(tmp, size=28, cache=False)
+        >>> data.images.shape, data.images.dtype, data.alphabets
+        ((2, 3, 28, 28), dtype('uint8'), ('Greek', 'Latin'))
+    """
+    path = Path(path).expanduser()
+    size, resample = _check_size(size), _check_resample(resample)
+    if not path.exists():
+        if download and path.name in SOURCES:
+            _download(path.name, path.parent)
+        else:
+            hint = (f" Pass download=True to fetch it from {SOURCES[path.name].url}."
+                    if path.name in SOURCES else "")
+            raise FileNotFoundError(f"no Omniglot zip or folder at {path}.{hint}")
+    if not cache:
+        return _read_source(path, size, resample)
+    tag = f"{size or 'full'}px-{resample}"
+    stems = _cache_stems(path, tag, cache_dir)
+    fingerprint = _fingerprint(path)
+    for stem in stems:
+        data = _read_cache(stem, fingerprint)
+        if data is not None:
+            return data
+    data = _read_source(path, size, resample)
+    info = {"format": _CACHE_FORMAT, "source": str(path.resolve()), "fingerprint": fingerprint,
+            "size": size, "resample": resample, "ink": 255}
+    errors = []
+    for stem in stems:
+        if stem.parent == path.parent and not _writable(stem.parent):
+            errors.append(f"{stem.parent} is read-only")
+            continue
+        try:
+            _write_cache(stem, data, info)
+            return data
+        except OSError as err:  # a read-only data folder: try the next place
+            errors.append(f"{stem}: {err}")
+    if cache_dir is not None:
+        raise OSError(f"could not write the Omniglot cache into cache_dir={cache_dir!r} "
+                      f"({'; '.join(errors)}); pass a writable folder or cache=False.")
+    warnings.warn(f"could not cache {path} anywhere ({'; '.join(errors)}); set METABATCH_CACHE or "
+                  f"cache_dir= to a writable folder to load it faster next time.", RuntimeWarning,
+                  stacklevel=2)
+    return data
+
+
+def select(data: Omniglot, alphabets: Sequence[str] | None = None, *,
+           exclude: Sequence[str] = ()) -> Omniglot:
+    """The classes of some alphabets, e.g. to evaluate on alphabets never trained on.
+
+    Args:
+        data: an :class:`Omniglot`.
+        alphabets: the alphabet names to keep (``None``: all).
+        exclude: alphabet names to drop (applied after ``alphabets``); unknown
+            names are fine here, so ``exclude=train.alphabets`` works.
+
+    Returns:
+        A new :class:`Omniglot` (the images are copied), classes in their order.
+
+    Raises:
+        ValueError: a name in ``alphabets`` is not in ``data``, or nothing is left.
+
+    Example:
+        >>> import numpy as np
+        >>> from metabatch.tasks import omniglot
+        >>> data = omniglot.Omniglot(np.zeros((3, 2, 4, 4), np.uint8), ("Greek", "Greek", "Latin"),
+        ...                          ("character01", "character02", "character01"))
+        >>> omniglot.select(data, exclude=["Greek"]).alphabets
+        ('Latin',)
+        >>> omniglot.select(data, ["Greek"]).images.shape
+        (2, 2, 4, 4)
+    """
+    present = set(data.alphabets)
+    if isinstance(alphabets, str) or isinstance(exclude, str):
+        raise TypeError("select(): alphabets and exclude are lists of names; wrap one name in a list.")
+    if alphabets is not None:
+        missing = sorted(set(alphabets) - present)
+        if missing:
+            raise ValueError(f"select(): no alphabet {missing} in this data; it has {sorted(present)}.")
+        keep = set(alphabets)
+    else:
+        keep = present
+    keep = keep - set(exclude)
+    mask = np.array([a in keep for a in data.alphabets], dtype=bool)
+    if not mask.any():
+        raise ValueError(f"select(): no class left (alphabets={alphabets!r}, exclude={list(exclude)!r}).")
+    pick = np.flatnonzero(mask)
+    return Omniglot(data.images[pick], tuple(data.alphabets[i] for i in pick),
+                    tuple(data.characters[i] for i in pick))
+
+
+def concat(*datasets: Omniglot) -> Omniglot:
+    """Join the classes of several :class:`Omniglot` values (e.g. background + evaluation).
+
+    Raises:
+        ValueError: no dataset, shapes that differ, or a class (alphabet,
+            character) present twice: drop it first with :func:`select`.
+
+    Example:
+        >>> import numpy as np
+        >>> from metabatch.tasks import omniglot
+        >>> a = omniglot.Omniglot(np.zeros((1, 2, 4, 4), np.uint8), ("Greek",), ("character01",))
+        >>> b = omniglot.Omniglot(np.ones((1, 2, 4, 4), np.uint8), ("Latin",), ("character01",))
+        >>> omniglot.concat(a, b).alphabets
+        ('Greek', 'Latin')
+    """
+    if not datasets:
+        raise ValueError("concat() needs at least one Omniglot value.")
+    shapes = {d.images.shape[1:] for d in datasets}
+    if len(shapes) > 1:
+        raise ValueError(f"concat(): the datasets have different image shapes {sorted(shapes)}; load them "
+                         f"with the same size=.")
+    seen, dup = set(), []
+    for d in datasets:
+        for k in zip(d.alphabets, d.characters):
+            if k in seen:
+                dup.append(k)
+            seen.add(k)
+    if dup:
+        a, c = dup[0]
+        raise ValueError(f"concat(): {len(dup)} classes appear twice, e.g. {a}/{c} (the small background "
+                         f"subsets share Greek and Latin); drop them with select(d, exclude=[...]).")
+    return Omniglot(np.concatenate([d.images for d in datasets]),
+                    sum((d.alphabets for d in datasets), ()), sum((d.characters for d in datasets), ()))
+
+
+# -- downloads ----------------------------------------------------------------------------------
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(name: str, root=".", *, sha256: str | None = None, timeout: float = 60.0) -> Path:
+    """Fetch an official Omniglot file into ``root`` and check its sha256.
+
+    The file is streamed into a temporary file beside its destination and
+    renamed into place only once its size and sha256 match :data:`SOURCES`,
+    so an interrupted or corrupt download never leaves a file behind. An
+    existing file is checked, not fetched again.
+
+    Args:
+        name: one of ``SOURCES``: ``"images_background.zip"``,
+            ``"images_evaluation.zip"``, ``"images_background_small1.zip"``,
+            ``"images_background_small2.zip"``, ``"all_runs.zip"``.
+        root: the destination folder (created if missing).
+        sha256: the expected hex sha256, overriding the table (needed to
+            check ``all_runs.zip``, which has no published checksum).
+        timeout: seconds to wait for the server.
+
+    Returns:
+        The path of the verified file, ``root / name``.
+
+    Raises:
+        ValueError: an unknown ``name``, or a file whose size or sha256 does
+            not match (nothing is kept).
+        OSError: the download itself failed (no network...).
+
+    Example:
+        >>> import hashlib, pathlib, tempfile
+        >>> from metabatch.tasks import omniglot
+        >>> with tempfile.TemporaryDirectory() as tmp:   # already there: only checked
+        ...     path = pathlib.Path(tmp, "all_runs.zip")
+        ...     _ = path.write_bytes(b"runs")
+        ...     omniglot.download("all_runs.zip", tmp, sha256=hashlib.sha256(b"runs").hexdigest()) == path
+        True
+    """
+    return _download(name, root, sha256=sha256, timeout=timeout)
+
+
+def _download(name: str, root, *, sha256: str | None = None, timeout: float = 60.0) -> Path:
+    if name not in SOURCES:
+        raise ValueError(f"download(): unknown Omniglot file {name!r}; the official files are "
+                         f"{', '.join(SOURCES)}.")
+    source = SOURCES[name]
+    want = sha256 if sha256 is not None else source.sha256
+    root = Path(root).expanduser()
+    dest = root / name
+    if dest.exists():
+        if want is not None:
+            got = _sha256_file(dest)
+            if got != want:
+                raise ValueError(f"download(): {dest} exists but its sha256 is {got}, not {want}; "
+                                 f"delete it and download again.")
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name}.{os.getpid()}.part"
+    h, nbytes = hashlib.sha256(), 0
+    try:
+        with _urlopen(source.url, timeout=timeout) as response, open(tmp, "wb") as f:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                h.update(chunk)
+                f.write(chunk)
+                nbytes += len(chunk)
+        if sha256 is None and source.size is not None and nbytes != source.size:
+            raise ValueError(f"download(): {source.url} gave {nbytes} bytes, expected {source.size}; "
+                             f"nothing was kept. Retry, or fetch it by hand into {root}.")
+        got = h.hexdigest()
+        if want is not None and got != want:
+            raise ValueError(f"download(): {source.url} has sha256 {got}, expected {want}; nothing "
+                             f"was kept. Retry, or fetch it by hand into {root}.")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+# -- one-shot classification runs ----------------------------------------------------------------
+
+class Run(NamedTuple):
+    """One of Lake et al.'s 20-way one-shot classification runs.
+
+    Attributes:
+        name: the run's folder name, e.g. ``"run01"``.
+        training: uint8 ``[n_train, size, size]`` (ink 255): one image per
+            class, in file-name order (``class01``, ``class02``, ...): every
+            image of ``training/``, referenced in ``class_labels.txt`` or not.
+        test: uint8 ``[n_test, size, size]``: the items to classify, in
+            file-name order (``item01``, ...).
+        labels: int64 ``[n_test]``: the index into ``training`` of each test
+            item's class (from ``class_labels.txt``).
+    """
+
+    name: str
+    training: np.ndarray
+    test: np.ndarray
+    labels: np.ndarray
+
+
+def _tail(entry: str) -> str:
+    """``run01/test/item01.png`` (or ``test/item01.png``) -> ``test/item01.png``."""
+    parts = PurePosixPath(entry.replace("\\", "/")).parts
+    if len(parts) < 2 or parts[-2] not in ("training", "test"):
+        raise ValueError(f"class_labels.txt: {entry!r} is not a training/... or test/... image path.")
+    return "/".join(parts[-2:])
+
+
+def _read_run(name: str, labels_text: str, training_files: list, read: Callable[[str], bytes],
+              size, resample) -> Run:
+    pairs = [line.split() for line in labels_text.splitlines() if line.strip()]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"{name}/class_labels.txt must hold lines 'test/itemNN.png training/classNN.png'.")
+    answer = {_tail(t): _tail(c) for t, c in pairs}
+    test = sorted(answer)
+    training = sorted(set(answer.values()) | set(training_files))  # unused classes are choices too
+    where = {c: i for i, c in enumerate(training)}
+    labels = np.array([where[answer[t]] for t in test], dtype=np.int64)
+    load_all = lambda files: np.stack([_decode(read(f), size, resample) for f in files])
+    return Run(name, load_all(training), load_all(test), labels)
+
+
+def load_runs(path, *, size: int | None = 28, resample: str = "lanczos", download: bool = False) -> tuple:
+    """Read Lake et al.'s one-shot classification runs.
+
+    Args:
+        path: ``all_runs.zip``, the folder it unpacks to (holding ``run01`` ..
+            ``run20``), or one run folder. Each run holds
+            ``class_labels.txt`` (lines ``runXX/test/itemNN.png
+            runXX/training/classNN.png``), ``training/*.png`` and ``test/*.png``.
+        size: the output side in pixels (as in :func:`load`); ``None`` keeps 105.
+        resample: the Pillow filter, as in :func:`load`.
+        download: fetch ``all_runs.zip`` first if ``path`` is that missing file.
+
+    Returns:
+        A tuple of :class:`Run`, sorted by name.
+
+    Raises:
+        FileNotFoundError: no runs at ``path``.
+        ValueError: a malformed ``class_labels.txt``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> from metabatch.tasks import omniglot
+        >>> with tempfile.TemporaryDirectory() as tmp:   # one 2-way run
+        ...     run = pathlib.Path(tmp, "run01")
+        ...     for sub, stem in (("training", "class"), ("test", "item")):
+        ...         (run / sub).mkdir(parents=True)
+        ...         for i in (1, 2):
+        ...             Image.new("1", (105, 105), 1).save(run / sub / f"{stem}0{i}.png")
+        ...     _ = (run / "class_labels.txt").write_text(
+        ...         "run01/test/item01.png run01/training/class02.png\\n"
+        ...         "run01/test/item02.png run01/training/class01.png\\n")
+        ...     runs = omniglot.load_runs(tmp)
+        >>> runs[0].name, runs[0].training.shape, runs[0].labels.tolist()
+        ('run01', (2, 28, 28), [1, 0])
+    """
+    path = Path(path).expanduser()
+    size, resample = _check_size(size), _check_resample(resample)
+    if not path.exists() and download and path.name == "all_runs.zip":
+        _download("all_runs.zip", path.parent)
+    if not path.exists():
+        raise FileNotFoundError(f"no one-shot runs at {path}; pass all_runs.zip or the folder holding "
+                                f"run01 .. run20 (download=True fetches {SOURCES['all_runs.zip'].url}).")
+    runs = []
+    if path.is_dir():
+        for labels_file in sorted(path.rglob("class_labels.txt")):
+            folder = labels_file.parent
+            training = [f"training/{p.name}" for p in (folder / "training").glob("*.png")]
+            runs.append(_read_run(folder.name, labels_file.read_text(), training,
+                                  lambda f, folder=folder: (folder / f).read_bytes(), size, resample))
+    else:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            for entry in sorted(names):
+                if PurePosixPath(entry).name != "class_labels.txt" or "__MACOSX" in entry:
+                    continue
+                prefix = entry[:-len("class_labels.txt")]
+                name = PurePosixPath(prefix).name or path.stem
+                training = [n[len(prefix):] for n in names if n.startswith(prefix + "training/")
+                            and n.lower().endswith(".png") and "/" not in n[len(prefix) + 9:]]
+                runs.append(_read_run(name, archive.read(entry).decode(), training,
+                                      lambda f, p=prefix: archive.read(p + f), size, resample))
+    if not runs:
+        raise FileNotFoundError(f"found no run (no class_labels.txt) in {path}.")
+    return tuple(sorted(runs, key=lambda r: r.name))
+
+
+class RunsScore(NamedTuple):
+    """The result of :func:`score_runs`.
+
+    Attributes:
+        errors: float64 ``[num_runs]``: the percent error of each run.
+        mean_error: their mean, in percent (Lake et al. report this).
+    """
+
+    errors: np.ndarray
+    mean_error: float
+
+
+def score_runs(runs: Sequence[Run], classify: Callable, *, channel_dim: bool = True) -> RunsScore:
+    """Score a one-shot classifier on Lake et al.'s runs (percent error, as in the paper).
+
+    For each run, ``classify(support, query)`` sees the run's training images
+    (``support[i]`` is the only example of class ``i``) and its test images,
+    both float32 in ``[0, 1]`` (ink 1) of shape ``[n, 1, size, size]`` (or
+    ``[n, size, size]`` with ``channel_dim=False``), exactly as
+    :func:`metabatch.tasks.classification` produces them. It returns either
+    the predicted class of each query (ints ``[n_query]``) or a score matrix
+    ``[n_query, n_support]`` where larger means more alike (pass ``-cost``
+    for a distance); numpy arrays and tensors both work.
+
+    Args:
+        runs: the runs, from :func:`load_runs`.
+        classify: ``classify(support, query) -> predictions or scores``.
+        channel_dim: give the images a channel dimension.
+
+    Returns:
+        A :class:`RunsScore` ``(errors, mean_error)`` in percent.
+
+    Raises:
+        ValueError: ``classify`` returned something of the wrong shape.
+
+    Example:
+        >>> import numpy as np
+        >>> from metabatch.tasks import omniglot
+        >>> images = np.zeros((3, 5, 5), np.uint8)
+        >>> images[0, 0], images[1, 2], images[2, 4] = 255, 255, 255   # 3 classes: a line each
+        >>> run = omniglot.Run("run01", images, images[::-1], np.array([2, 1, 0]))
+        >>> def nearest(support, query):   # minus the squared distance as the score
+        ...     return -((query[:, None] - support[None]) ** 2).sum(axis=(2, 3, 4))
+        >>> omniglot.score_runs([run], nearest)
+        RunsScore(errors=array([0.]), mean_error=0.0)
+    """
+    if not runs:
+        raise ValueError("score_runs() needs at least one run; load them with load_runs(path).")
+    errors = []
+    for run in runs:
+        support, query = (_to_float(x).reshape((len(x),) + _item_shape(x.shape[1:], channel_dim))
+                          for x in (run.training, run.test))
+        out = classify(support, query)
+        if isinstance(out, torch.Tensor):
+            out = out.detach().cpu().numpy()
+        out = np.asarray(out)
+        n_query, n_support = len(query), len(support)
+        if out.shape == (n_query, n_support):
+            predicted = out.argmax(axis=1)
+        elif out.shape == (n_query,) and np.issubdtype(out.dtype, np.integer):
+            predicted = out
+        else:
+            raise ValueError(f"score_runs(): classify returned shape {out.shape} (dtype {out.dtype}) for "
+                             f"{run.name}; return int predictions ({n_query},) or scores "
+                             f"({n_query}, {n_support}).")
+        errors.append(100.0 * float(np.mean(predicted != run.labels)))
+    errors = np.array(errors)
+    return RunsScore(errors, float(errors.mean()))
