@@ -9,7 +9,7 @@
 Every family takes all its randomness from the task key, so a batch depends
 only on ``(seed, step)``, never on the number of loader workers.
 
-Example:
+Examples:
     >>> import metabatch as mb
     >>> specs = mb.batch_specs(seed=0, num_tasks=1, batch_size=25, n_ctx=10, n_tgt=10, num_batches=1)
     >>> batch = next(iter(mb.task_loader(mb.tasks.sinusoid, specs)))

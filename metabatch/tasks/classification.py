@@ -88,7 +88,7 @@ class Classification:
     def __call__(self, key: _random.Key, idx: int, n_ctx: int, n_tgt: int) -> dict:
         """One task; see :func:`classification`.
 
-        Example:
+        Examples:
             >>> import numpy as np, metabatch as mb
             >>> sample_task = mb.tasks.classification(np.zeros((10, 4, 3), np.float32), ways=2)
             >>> x, y = sample_task(mb.random.key(0), 0, 1, 2)["target"]
@@ -126,8 +126,8 @@ class Classification:
         return task
 
 
-def classification(classes, ways: int, *, rotate: bool = False, shuffle: bool = False,
-                   channel_dim: bool = True, info: bool = False) -> Classification:
+def classification(classes: np.ndarray | torch.Tensor, ways: int, *, rotate: bool = False,
+                   shuffle: bool = False, channel_dim: bool = True, info: bool = False) -> Classification:
     """An N-way K-shot classification task family over an array of classes.
 
     A task draws ``ways`` distinct classes (label ``l`` is the ``l``-th class
@@ -182,7 +182,7 @@ def classification(classes, ways: int, *, rotate: bool = False, shuffle: bool = 
             range, or ``rotate`` is asked for non-square or 1-D examples. A task
             asking for more than ``examples_per_class`` examples raises at call time.
 
-    Example:
+    Examples:
         >>> import numpy as np, metabatch as mb
         >>> images = np.arange(6 * 3 * 2 * 2, dtype=np.uint8).reshape(6, 3, 2, 2)  # 6 classes
         >>> sample_task = mb.tasks.classification(images, ways=3, rotate=True)

@@ -30,7 +30,6 @@ import io
 import json
 import operator
 import os
-import urllib.request
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -92,8 +91,11 @@ SOURCES = {
     "all_runs.zip": Source(_BASE + "one-shot-classification/all_runs.zip", None, None),
 }
 
-# The URL opener, a module attribute so that tests can serve local files instead.
-_urlopen = urllib.request.urlopen
+def _urlopen(url: str, timeout: float):
+    """Open ``url`` (a module attribute, so that tests can serve local files instead)."""
+    import urllib.request  # imported on use: it costs more than the rest of this module
+
+    return urllib.request.urlopen(url, timeout=timeout)
 
 _RESAMPLE = ("lanczos", "box", "bilinear", "bicubic", "hamming", "nearest")
 _CACHE_FORMAT = 1
@@ -288,8 +290,8 @@ def _write_cache(stem: Path, data: Omniglot, info: dict) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def load(path, *, size: int | None = 28, resample: str = "lanczos", cache: bool = True,
-         cache_dir=None, download: bool = False) -> Omniglot:
+def load(path: str | os.PathLike, *, size: int | None = 28, resample: str = "lanczos", cache: bool = True,
+         cache_dir: str | os.PathLike | None = None, download: bool = False) -> Omniglot:
     """Read Omniglot from an official zip or its unpacked folder.
 
     Images are inverted (ink 255 on paper 0, as models expect) and resized
@@ -325,7 +327,7 @@ def load(path, *, size: int | None = 28, resample: str = "lanczos", cache: bool 
         ImportError: Pillow is missing and there is no cache to read.
         OSError: ``cache_dir`` was given but cannot be written.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib, numpy as np
         >>> from PIL import Image
         >>> from metabatch.tasks import omniglot
@@ -395,7 +397,7 @@ def select(data: Omniglot, alphabets: Sequence[str] | None = None, *,
     Raises:
         ValueError: a name in ``alphabets`` is not in ``data``, or nothing is left.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from metabatch.tasks import omniglot
         >>> data = omniglot.Omniglot(np.zeros((3, 2, 4, 4), np.uint8), ("Greek", "Greek", "Latin"),
@@ -431,7 +433,7 @@ def concat(*datasets: Omniglot) -> Omniglot:
         ValueError: no dataset, shapes that differ, or a class (alphabet,
             character) present twice: drop it first with :func:`select`.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from metabatch.tasks import omniglot
         >>> a = omniglot.Omniglot(np.zeros((1, 2, 4, 4), np.uint8), ("Greek",), ("character01",))
@@ -469,7 +471,8 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def download(name: str, root=".", *, sha256: str | None = None, timeout: float = 60.0) -> Path:
+def download(name: str, root: str | os.PathLike = ".", *, sha256: str | None = None,
+             timeout: float = 60.0) -> Path:
     """Fetch an official Omniglot file into ``root`` and check its sha256.
 
     The file is streamed into a temporary file beside its destination and
@@ -494,7 +497,7 @@ def download(name: str, root=".", *, sha256: str | None = None, timeout: float =
             not match (nothing is kept).
         OSError: the download itself failed (no network...).
 
-    Example:
+    Examples:
         >>> import hashlib, pathlib, tempfile
         >>> from metabatch.tasks import omniglot
         >>> with tempfile.TemporaryDirectory() as tmp:   # already there: only checked
@@ -587,7 +590,8 @@ def _read_run(name: str, labels_text: str, training_files: list, read: Callable[
     return Run(name, load_all(training), load_all(test), labels)
 
 
-def load_runs(path, *, size: int | None = 28, resample: str = "lanczos", download: bool = False) -> tuple:
+def load_runs(path: str | os.PathLike, *, size: int | None = 28, resample: str = "lanczos",
+              download: bool = False) -> tuple:
     """Read Lake et al.'s one-shot classification runs.
 
     Args:
@@ -606,7 +610,7 @@ def load_runs(path, *, size: int | None = 28, resample: str = "lanczos", downloa
         FileNotFoundError: no runs at ``path``.
         ValueError: a malformed ``class_labels.txt``.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> from PIL import Image
         >>> from metabatch.tasks import omniglot
@@ -689,7 +693,7 @@ def score_runs(runs: Sequence[Run], classify: Callable, *, channel_dim: bool = T
     Raises:
         ValueError: ``classify`` returned something of the wrong shape.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from metabatch.tasks import omniglot
         >>> images = np.zeros((3, 5, 5), np.uint8)

@@ -26,8 +26,9 @@ _FINN_PHASE = (0.0, math.pi)
 _FINN_X = (-5.0, 5.0)
 
 
-def sinusoid(key: _random.Key, idx: int, n_ctx: int, n_tgt: int, *, amplitude=_FINN_AMPLITUDE,
-             phase=_FINN_PHASE, x_range=_FINN_X, info: bool = False) -> dict:
+def sinusoid(key: _random.Key, idx: int, n_ctx: int, n_tgt: int, *,
+             amplitude: tuple[float, float] = _FINN_AMPLITUDE, phase: tuple[float, float] = _FINN_PHASE,
+             x_range: tuple[float, float] = _FINN_X, info: bool = False) -> dict:
     """One sine-wave regression task: ``y = amplitude * sin(x + phase)``.
 
     The protocol of Finn et al. (2017, MAML): amplitude ~ U[0.1, 5], phase ~
@@ -58,7 +59,7 @@ def sinusoid(key: _random.Key, idx: int, n_ctx: int, n_tgt: int, *, amplitude=_F
         TypeError: ``n_ctx`` / ``n_tgt`` are not ints, or a range is not a pair.
         ValueError: a size is negative or a range is empty.
 
-    Example:
+    Examples:
         >>> import numpy as np, metabatch as mb
         >>> task = mb.tasks.sinusoid(mb.random.key(0), 0, n_ctx=5, n_tgt=10, info=True)
         >>> x, y = task["context"]
@@ -103,7 +104,7 @@ class GP:
     def __call__(self, key: _random.Key, idx: int, n_ctx: int, n_tgt: int) -> dict:
         """One GP regression task; see :func:`gp`.
 
-        Example:
+        Examples:
             >>> import metabatch as mb
             >>> task = mb.tasks.gp()(mb.random.key(0), 0, 3, 4)
             >>> task["context"][0].shape, task["target"][1].shape
@@ -132,7 +133,8 @@ class GP:
         return out
 
 
-def gp(length_scale=0.6, output_scale=1.0, noise=0.02, x_range=(-2.0, 2.0), *, info: bool = False) -> GP:
+def gp(length_scale: float | tuple[float, float] = 0.6, output_scale: float | tuple[float, float] = 1.0,
+       noise: float = 0.02, x_range: tuple[float, float] = (-2.0, 2.0), *, info: bool = False) -> GP:
     """A task family of 1-D functions drawn from a Gaussian process (for neural processes).
 
     Each task draws ``n_ctx + n_tgt`` inputs ``x ~ U[x_range]`` and one joint
@@ -163,7 +165,7 @@ def gp(length_scale=0.6, output_scale=1.0, noise=0.02, x_range=(-2.0, 2.0), *, i
         ValueError: a scale is not positive, the noise is negative, or a
             range is empty.
 
-    Example:
+    Examples:
         >>> import metabatch as mb
         >>> sample_task = mb.tasks.gp(length_scale=(0.1, 1.0), noise=0.0)
         >>> specs = mb.batch_specs(seed=0, num_tasks=1, batch_size=4, n_ctx=(3, 10), n_tgt=20,
