@@ -11,7 +11,7 @@ Example:
     (3, 4)
 """
 
-from . import random
+from . import random, tasks
 from .compat import TaskLoader, TaskSet
 from .loader import TaskDataLoader, build_batch, stack, task_loader
 from .sampler import BatchSpec, BatchSpecs, batch_specs
@@ -20,6 +20,7 @@ __version__ = "0.10.0.dev0"
 
 __all__ = [
     "random",
+    "tasks",
     "BatchSpec",
     "BatchSpecs",
     "batch_specs",
