@@ -9,10 +9,11 @@ import numpy as np
 import optree
 import pytest
 import torch
-from PIL import Image
 
 import metabatch as mb
 from metabatch.tasks import omniglot
+
+Image = pytest.importorskip("PIL.Image", reason="Pillow (the omniglot extra) is not installed")
 
 SMALL1, SMALL2 = "images_background_small1.zip", "images_background_small2.zip"
 
