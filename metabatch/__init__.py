@@ -4,7 +4,7 @@ Explicit random keys, seeded batch specs, a parallel task loader that builds
 uniform batches of tasks in worker processes, and the MAML family as pure
 functions on ``torch.func`` (``grad`` + ``vmap`` over the task dimension).
 
-Example:
+Examples:
     >>> import metabatch as mb
     >>> specs = mb.batch_specs(seed=0, num_tasks=10, batch_size=2, n_ctx=3, n_tgt=4)
     >>> specs[0].n_ctx, specs[0].n_tgt

@@ -79,7 +79,7 @@ class TaskSet(abc.ABC, torch.utils.data.Dataset):
     Raises:
         ValueError: the sizes break the rules above (0.9.1 asserted them).
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from metabatch import TaskSet, TaskLoader
         >>> class Points(TaskSet):
@@ -218,7 +218,7 @@ class TaskLoader(TaskDataLoader):
         ValueError: ``n_batches`` without ``shuffle`` (as in 0.9.1), a
             non-positive ``batch_size`` or ``n_batches``, or an empty dataset.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from metabatch import TaskSet, TaskLoader
         >>> class Noise(TaskSet):

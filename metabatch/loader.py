@@ -218,7 +218,7 @@ def stack(outputs: list) -> Any:
         ValueError: two outputs differ in structure, shape or dtype; the message
             names the first two tasks that differ.
 
-    Example:
+    Examples:
         >>> import numpy as np, metabatch as mb
         >>> batch = mb.stack([{"x": np.zeros(3)}, {"x": np.ones(3)}])
         >>> batch["x"].shape, batch["x"].dtype
@@ -252,7 +252,7 @@ def build_batch(sample_task: Callable, spec: BatchSpec) -> Any:
     Task ``j`` is ``sample_task(fold_in(spec.key, spec.offset + j), spec.indices[j],
     spec.n_ctx, spec.n_tgt)``.
 
-    Example:
+    Examples:
         >>> import numpy as np, metabatch as mb
         >>> def sample_task(key, idx, n_ctx, n_tgt):
         ...     x = mb.random.numpy_rng(key).uniform(size=(n_ctx + n_tgt, 1))
@@ -361,7 +361,7 @@ def _check_loader_args(sample_task, num_workers, collate_fn, options) -> None:
 
 
 def task_loader(sample_task: Callable, specs: Iterable[BatchSpec], *, num_workers: int = 0,
-                collate_fn: Callable | None = None, **dataloader_options) -> TaskDataLoader:
+                collate_fn: Callable | None = None, **dataloader_options: Any) -> TaskDataLoader:
     """A DataLoader whose workers build whole, stacked batches of tasks.
 
     Args:
@@ -388,7 +388,7 @@ def task_loader(sample_task: Callable, specs: Iterable[BatchSpec], *, num_worker
             ``spawn``/``forkserver`` worker; a batch option was passed.
         ValueError: ``num_workers < 0``.
 
-    Example:
+    Examples:
         >>> import metabatch as mb
         >>> def sample_task(key, idx, n_ctx, n_tgt):
         ...     x = mb.random.numpy_rng(key).uniform(-5, 5, size=(n_ctx + n_tgt, 1))

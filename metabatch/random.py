@@ -10,7 +10,7 @@ Derivation is a pure-Python SplitMix64-style mix of two 64-bit words (about
 a microsecond per call), with separate domains for ``split`` and
 ``fold_in`` so that ``fold_in(k, 0)`` never equals ``split(k)[0]``.
 
-Example:
+Examples:
     >>> import metabatch as mb
     >>> k = mb.random.key(0)
     >>> k1, k2 = mb.random.split(k)
@@ -52,7 +52,7 @@ class Key:
     a key printed in an error message can be rebuilt with :func:`key_data`'s
     inverse ``Key._from_words``.
 
-    Example:
+    Examples:
         >>> import pickle, metabatch as mb
         >>> k = mb.random.key(42)
         >>> pickle.loads(pickle.dumps(k)) == k
@@ -123,7 +123,7 @@ def key(seed: int) -> Key:
         TypeError: ``seed`` is not an int.
         ValueError: ``seed`` is negative or too large.
 
-    Example:
+    Examples:
         >>> import metabatch as mb
         >>> mb.random.key(0) == mb.random.key(0), mb.random.key(0) == mb.random.key(1)
         (True, False)
@@ -145,7 +145,7 @@ def fold_in(key: Key, data: int) -> Key:
     Returns:
         A new :class:`Key`.
 
-    Example:
+    Examples:
         >>> import metabatch as mb
         >>> k = mb.random.key(0)
         >>> mb.random.fold_in(k, 1) == mb.random.fold_in(k, 1), mb.random.fold_in(k, 1) == mb.random.fold_in(k, 2)
@@ -173,7 +173,7 @@ def split(key: Key, num: int = 2) -> tuple[Key, ...]:
     Raises:
         ValueError: ``num < 1``.
 
-    Example:
+    Examples:
         >>> import metabatch as mb
         >>> k, sub = mb.random.split(mb.random.key(0))
         >>> len(mb.random.split(k, 5))
@@ -194,7 +194,7 @@ def split(key: Key, num: int = 2) -> tuple[Key, ...]:
 def key_data(key: Key) -> tuple[int, int]:
     """The two 64-bit words of a key, e.g. to log or checkpoint it.
 
-    Example:
+    Examples:
         >>> import metabatch as mb
         >>> hi, lo = mb.random.key_data(mb.random.key(0))
         >>> mb.random.Key._from_words(hi, lo) == mb.random.key(0)
@@ -236,7 +236,7 @@ def numpy_rng(key: Key) -> np.random.Generator:
     keeps stable across releases and platforms. PCG64's initial state is
     hashed straight from the key's bits (no ``SeedSequence``): about 2 µs.
 
-    Example:
+    Examples:
         >>> import metabatch as mb
         >>> k = mb.random.key(7)
         >>> a = mb.random.numpy_rng(k).normal(size=3)
@@ -254,7 +254,7 @@ def torch_generator(key: Key, device: str | torch.device = "cpu") -> torch.Gener
     Pass it as ``generator=`` to ``torch.rand``, ``torch.randn``,
     ``torch.randint``, ``torch.randperm``...
 
-    Example:
+    Examples:
         >>> import torch, metabatch as mb
         >>> g1 = mb.random.torch_generator(mb.random.key(1))
         >>> g2 = mb.random.torch_generator(mb.random.key(1))

@@ -57,7 +57,7 @@ class BatchSpec(NamedTuple):
     def task_keys(self) -> tuple:
         """The key of each task of this spec, in order of ``indices``.
 
-        Example:
+        Examples:
             >>> import metabatch as mb
             >>> spec = mb.batch_specs(0, num_tasks=10, batch_size=4, n_ctx=5, n_tgt=5)[0]
             >>> spec.task_keys()[1] == mb.random.fold_in(spec.key, 1)
@@ -178,7 +178,7 @@ class BatchSpecs:
     def replace(self, **changes) -> "BatchSpecs":
         """A copy with some arguments changed, e.g. ``specs.replace(start=step)`` to resume.
 
-        Example:
+        Examples:
             >>> import metabatch as mb
             >>> specs = mb.batch_specs(0, num_tasks=10, batch_size=2, n_ctx=1, n_tgt=1, num_batches=5)
             >>> [s.step for s in specs.replace(start=3)]
@@ -233,7 +233,7 @@ def batch_specs(seed: int, num_tasks: int, batch_size: int, n_ctx: SizeArg, n_tg
             ``batch_size % world_size != 0``.
         TypeError: an argument is not an int (or pair of ints).
 
-    Example:
+    Examples:
         >>> import metabatch as mb
         >>> specs = mb.batch_specs(seed=0, num_tasks=6, batch_size=3, n_ctx=(1, 5), n_tgt=4)
         >>> spec = specs[0]
