@@ -8,9 +8,10 @@ pytree whose leaves carry a leading task dimension.
 
 Transport (measured in ``benchmarks/loader.py``): a worker writes every leaf of
 the batch straight into *one* buffer, so a batch crosses the process boundary
-as one message with one shared-memory segment (or inline bytes when it is
+as one message with one shared-memory buffer (or inline bytes when it is
 small) instead of one segment per leaf; the main process rebuilds the leaves
-as zero-copy views of that buffer.
+as zero-copy views of that buffer. Shared buffers come from a small per-worker
+pool and return to it when the batch's last view is garbage-collected.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import pickle
+import weakref
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -106,18 +108,24 @@ class _Layout:
     def views(self, buf: torch.Tensor) -> list:
         """The stacked leaves as zero-copy tensor views of ``buf`` (a flat uint8 tensor).
 
-        Views are cut through numpy where the dtype allows: 1.5 µs a leaf
-        against 5 µs for ``buf[a:b].view(dtype).view(shape)``.
+        Views are cut through numpy (1.5 µs a leaf against 5 µs for
+        ``buf[a:b].view(dtype).view(shape)``), so that every view keeps one
+        numpy array alive: the handle whose death frees a pooled buffer.
         """
-        raw = buf.numpy() if buf.device.type == "cpu" and not buf.is_pinned() else None
+        if buf.device.type != "cpu" or buf.is_pinned():
+            return [buf[off:off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                    for off, dtype, shape in zip(self.offsets, self.dtypes, self.shapes)]
+        return self._numpy_views(buf.numpy())
+
+    def _numpy_views(self, raw: np.ndarray) -> list:
         out = []
         for off, dtype, shape in zip(self.offsets, self.dtypes, self.shapes):
-            end = off + math.prod(shape) * dtype.itemsize
+            chunk = raw[off:off + math.prod(shape) * dtype.itemsize]
             np_dtype = _NUMPY_DTYPE.get(dtype)
-            if raw is not None and np_dtype is not None:
-                out.append(torch.from_numpy(raw[off:end].view(np_dtype).reshape(shape)))
-            else:
-                out.append(buf[off:end].view(dtype).view(shape))
+            if np_dtype is not None:
+                out.append(torch.from_numpy(chunk.view(np_dtype).reshape(shape)))
+            else:  # e.g. bfloat16: reinterpret in torch, still a view of ``raw``
+                out.append(torch.from_numpy(chunk).view(dtype).view(shape))
         return out
 
 
@@ -147,30 +155,82 @@ def _diagnose(spec, outs) -> ValueError:
                       f"every task of a batch must return arrays of one shape and dtype per leaf.")
 
 
+_POOL_SLOTS = 8  # reusable shared-memory buffers per worker
+_FREE, _BUSY = 0, 1
+
+
+class _SharedPool:
+    """A worker's reusable shared-memory buffers.
+
+    Allocating and first touching a fresh shared-memory segment costs
+    milliseconds for a batch of images (``benchmarks/loader.py``); a pooled
+    buffer is mapped once in each process and reused. The worker marks a slot
+    busy when it sends it; the main process marks it free again when the last
+    view of that batch dies. When every slot is busy (the user keeps many
+    batches alive) the worker falls back to a one-off segment.
+    """
+
+    def __init__(self):
+        self.flags = torch.zeros(_POOL_SLOTS, dtype=torch.uint8).share_memory_()
+        self.bufs = [None] * _POOL_SLOTS
+
+    def take(self, nbytes: int):
+        """(slot or None, a shared uint8 buffer of at least ``nbytes``)."""
+        flags = self.flags.numpy()
+        free = [s for s in range(_POOL_SLOTS) if flags[s] == _FREE]
+        if not free:
+            return None, torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+        fits = [s for s in free if self.bufs[s] is not None and self.bufs[s].numel() >= nbytes]
+        slot = fits[0] if fits else free[0]
+        if not fits:  # headroom: n_ctx / n_tgt vary from batch to batch
+            self.bufs[slot] = torch.empty(nbytes + nbytes // 4, dtype=torch.uint8).share_memory_()
+        flags[slot] = _BUSY
+        return slot, self.bufs[slot]
+
+
+def _release(flags: torch.Tensor, slot: int) -> None:
+    flags[slot] = _FREE
+
+
 class _Packed:
-    """One batch as a flat buffer plus its layout; unpacked in the main process."""
+    """One batch as a flat buffer plus its layout; unpacked in the main process.
 
-    __slots__ = ("buf", "layout")
+    ``lease`` is ``(flags, slot)`` when ``buf`` is a pooled buffer that must be
+    handed back to its worker once the batch's views are gone.
+    """
 
-    def __init__(self, buf, layout):
-        self.buf, self.layout = buf, layout
+    __slots__ = ("buf", "layout", "lease")
+
+    def __init__(self, buf, layout, lease=None):
+        self.buf, self.layout, self.lease = buf, layout, lease
 
     def pin_memory(self, device=None):  # called by DataLoader's pin-memory thread
         buf = torch.from_numpy(self.buf) if isinstance(self.buf, np.ndarray) else self.buf
-        return _Packed(buf.pin_memory() if device is None else buf.pin_memory(device), self.layout)
+        pinned = buf.pin_memory() if device is None else buf.pin_memory(device)
+        if self.lease is not None:  # copied out: the worker may reuse its buffer
+            _release(*self.lease)
+        return _Packed(pinned, self.layout)
 
     def unpack(self):
-        buf = torch.from_numpy(self.buf) if isinstance(self.buf, np.ndarray) else self.buf
-        return optree.tree_unflatten(self.layout.treespec, self.layout.views(buf))
+        if isinstance(self.buf, np.ndarray):
+            return optree.tree_unflatten(self.layout.treespec, self.layout._numpy_views(self.buf))
+        if self.lease is None:
+            return optree.tree_unflatten(self.layout.treespec, self.layout.views(self.buf))
+        raw = self.buf.numpy()  # a fresh handle: every view of this batch keeps it alive
+        weakref.finalize(raw, _release, *self.lease)
+        return optree.tree_unflatten(self.layout.treespec, self.layout._numpy_views(raw))
 
 
-def _fill(outs: list, spec, shared: bool = False):
-    """Stack task outputs into one flat uint8 buffer. Returns (buf, layout, views).
+def _plain(nbytes: int):
+    return None, torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _fill(outs: list, spec, alloc=_plain):
+    """Stack task outputs into one flat uint8 buffer. Returns (buf, layout, views, slot).
 
     One C-level flatten of the whole list, one structure comparison, then per
-    leaf one ``concatenate``/``stack`` writing straight into its slot of the
-    buffer (``out=``). With ``shared``, a buffer of ``_INLINE_BYTES`` or more
-    lives in shared memory, so that sending it to the main process copies nothing.
+    leaf one ``concatenate``/``stack`` writing straight into its place in the
+    buffer (``out=``). ``alloc(nbytes) -> (slot, buf)`` provides the buffer.
     """
     all_leaves, all_spec = optree.tree_flatten(outs)
     treespec = optree.tree_structure(outs[0])
@@ -179,9 +239,7 @@ def _fill(outs: list, spec, shared: bool = False):
         raise _diagnose(spec, outs)
     columns = [all_leaves[i::width] for i in range(width)]
     layout = _Layout(treespec, all_leaves[:width], n)
-    buf = torch.empty(layout.nbytes, dtype=torch.uint8)
-    if shared and layout.nbytes >= _INLINE_BYTES:
-        buf.share_memory_()
+    slot, buf = alloc(layout.nbytes)
     views = layout.views(buf)
     try:
         for column, view, shape, dtype in zip(columns, views, layout.shapes, layout.dtypes):
@@ -199,7 +257,7 @@ def _fill(outs: list, spec, shared: bool = False):
                 np.stack(column, out=view.numpy(), casting="no" if exact else "same_kind")
     except (ValueError, TypeError, RuntimeError, AttributeError) as err:
         raise _diagnose(spec, outs) from err
-    return buf, layout, views
+    return buf, layout, views, slot
 
 
 def stack(outputs: list) -> Any:
@@ -226,7 +284,7 @@ def stack(outputs: list) -> Any:
     """
     if not outputs:
         raise ValueError("stack() needs at least one task output, got an empty list.")
-    _, layout, views = _fill(list(outputs), None)
+    _, layout, views, _ = _fill(list(outputs), None)
     return optree.tree_unflatten(layout.treespec, views)
 
 
@@ -263,7 +321,7 @@ def build_batch(sample_task: Callable, spec: BatchSpec) -> Any:
         ((4, 3, 1), (4, 5, 1))
     """
     _check_spec(spec)
-    _, layout, views = _fill(_tasks(sample_task, spec), spec)
+    _, layout, views, _ = _fill(_tasks(sample_task, spec), spec)
     return optree.tree_unflatten(layout.treespec, views)
 
 
@@ -281,16 +339,30 @@ class _BatchBuilder(torch.utils.data.Dataset):
     def __init__(self, sample_task, collate_fn=None):
         self.sample_task = sample_task
         self.collate_fn = collate_fn
+        self._pool = None  # made lazily, inside each worker
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pool": None}
+
+    def _alloc(self, nbytes: int):
+        if nbytes < _INLINE_BYTES:  # small: inline bytes beat mapping a segment
+            return _plain(nbytes)
+        if self._pool is None:
+            self._pool = _SharedPool()
+        return self._pool.take(nbytes)
 
     def __getitem__(self, spec):
         _check_spec(spec)
+        outs = _tasks(self.sample_task, spec)
         if self.collate_fn is not None:
-            return self.collate_fn(_tasks(self.sample_task, spec))
-        in_worker = torch.utils.data.get_worker_info() is not None
-        buf, layout, views = _fill(_tasks(self.sample_task, spec), spec, shared=in_worker)
-        if in_worker:  # small buffers travel inline as numpy bytes, large ones as shared memory
-            return _Packed(buf.numpy() if buf.numel() < _INLINE_BYTES else buf, layout)
-        return optree.tree_unflatten(layout.treespec, views)
+            return self.collate_fn(outs)
+        if torch.utils.data.get_worker_info() is None:
+            _, layout, views, _ = _fill(outs, spec)
+            return optree.tree_unflatten(layout.treespec, views)
+        buf, layout, _, slot = _fill(outs, spec, self._alloc)
+        if buf.numel() < _INLINE_BYTES:
+            return _Packed(buf.numpy(), layout)
+        return _Packed(buf, layout, None if slot is None else (self._pool.flags, slot))
 
 
 def _identity(x):
@@ -311,7 +383,13 @@ class TaskDataLoader(torch.utils.data.DataLoader):
     """
 
     def __iter__(self):
+        # Holding each pooled buffer (and its flags) here keeps it mapped in this
+        # process: torch's shared-storage cache then maps it once, not per batch.
+        held = {}
         for batch in super().__iter__():
+            if isinstance(batch, _Packed) and batch.lease is not None:
+                flags, slot = batch.lease
+                held[flags.data_ptr(), slot] = (flags, batch.buf)
             yield _unpack(batch)
 
     @property

@@ -77,6 +77,20 @@ def test_large_batches_travel_in_one_shared_buffer():
         assert x.dtype == torch.float32 and y.dtype == torch.int64
 
 
+def test_pooled_buffers_are_reused_only_after_the_batch_dies():
+    specs = mb.batch_specs(0, 50, 4, 3, 2, num_batches=30)
+    ref = [digest([b]) for b in mb.task_loader(T.big_task, specs)]
+    kept = list(mb.task_loader(T.big_task, specs, num_workers=2))  # more batches alive than slots
+    assert [digest([b]) for b in kept] == ref
+    ptrs, got = [], []
+    for batch in mb.task_loader(T.big_task, specs, num_workers=2):  # each batch dies before the next
+        ptrs.append(batch[0].data_ptr())
+        got.append(digest([batch]))
+        del batch
+    assert got == ref
+    assert len(set(ptrs)) < len(ptrs)  # buffers came back and were reused
+
+
 def test_worker_sends_one_message_per_batch():
     big_builder = mb.task_loader(T.big_task, mb.batch_specs(0, 50, 4, 3, 2)).dataset
     small_builder = mb.task_loader(T.sinusoid, sinusoid_specs()).dataset
