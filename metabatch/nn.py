@@ -1,0 +1,574 @@
+"""The bridge from ``nn.Module`` to pure functions, and exact task-batching rules.
+
+:func:`params` and :func:`objective` turn a module into the ``(params, data)``
+functions that :mod:`metabatch.maml` consumes: parameters are an explicit
+argument, buffers are read from the module (and copied, so that no call ever
+mutates them), and the module runs through ``torch.func.functional_call``.
+Any ``torch.optim`` optimizer then takes the outer step on ``module.parameters()``.
+
+:func:`batching_rules` is a context manager that :func:`metabatch.maml.meta_loss`
+enters around its ``vmap`` over tasks. While it is active, a few ``torch.nn.functional``
+calls whose arguments are batched by ``vmap`` are routed through metabatch's own rules:
+
+* ``batch_norm`` (training mode), ``layer_norm`` and ``instance_norm``: PyTorch's
+  batching rules for their backward compute the weight gradient from the saved
+  mean and inverse standard deviation, which are *non-differentiable* outputs of
+  ``native_batch_norm`` / ``native_layer_norm``. Differentiating the inner
+  gradient again (second-order MAML) therefore drops the terms through the batch
+  statistics: the meta-gradient is wrong (see ``docs/sharp-bits.md``). metabatch
+  folds the task dimension into the channels and calls the native kernels, whose
+  double-backward formulas are right, or uses an exact mean/variance decomposition.
+* ``conv2d`` and ``max_pool2d``: tasks are folded into channels (one grouped
+  convolution over ``[N, T*C, H, W]``, one pooling call), which keeps every
+  activation in one layout from layer to layer instead of transposing and
+  copying it around each op, as the stock rules do. Outside an inner ``grad``
+  (the query pass) the layout is channels-last, which is much faster on CPU;
+  ``Tensor.view`` of such an activation falls back to ``reshape`` when a view
+  is impossible.
+
+Calls whose arguments are not batched go straight to PyTorch.
+
+Example:
+    >>> import torch, metabatch as mb
+    >>> net = torch.nn.Linear(3, 2)
+    >>> f = mb.nn.objective(net, torch.nn.functional.mse_loss)
+    >>> p = mb.nn.params(net)
+    >>> x, y = torch.ones(4, 3), torch.zeros(4, 2)
+    >>> torch.allclose(f(p, (x, y)), torch.nn.functional.mse_loss(net(x), y))
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["params", "functional", "objective", "accuracy", "batching_rules"]
+
+_aten = torch.ops.aten
+_C = torch._C._functorch
+
+
+# --------------------------------------------------------------------------- the bridge
+
+
+def _check_module(module, fn: str) -> None:
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{fn}() expects a torch.nn.Module, got {type(module).__name__}; "
+                        f"for plain functions pass them to metabatch.maml directly.")
+
+
+def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of ``module`` as a ``{name: parameter}`` dict.
+
+    The values are the module's own ``nn.Parameter`` objects, so a loss built
+    from them back-propagates into ``module.parameters()`` and any
+    ``torch.optim`` optimizer can take the step. Parameters with
+    ``requires_grad=False`` are left out (they are read from the module).
+
+    Args:
+        module: any ``torch.nn.Module``.
+
+    Returns:
+        A dict in ``named_parameters()`` order.
+
+    Raises:
+        TypeError: if ``module`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torch, metabatch as mb
+        >>> sorted(mb.nn.params(torch.nn.Linear(2, 1)))
+        ['bias', 'weight']
+    """
+    _check_module(module, "params")
+    return {k: p for k, p in module.named_parameters() if p.requires_grad}
+
+
+def functional(module: torch.nn.Module) -> Callable[..., Any]:
+    """``module`` as a pure function ``apply(params, *args, **kwargs)``.
+
+    ``params`` is a dict from parameter names to tensors (as returned by
+    :func:`params`, or adapted versions of it). Parameters missing from it
+    (frozen ones) and buffers are read from the module at call time; buffers
+    are copied first, so that batch norm's running statistics and counters are
+    never changed by the call. The call goes through
+    ``torch.func.functional_call(..., strict=True)``.
+
+    Args:
+        module: any ``torch.nn.Module``.
+
+    Returns:
+        ``apply(params, *args, **kwargs)`` returning what ``module(*args, **kwargs)`` returns.
+
+    Raises:
+        TypeError: if ``module`` is not an ``nn.Module``.
+        ValueError: (when called) if ``params`` names a tensor the module does not have.
+
+    Example:
+        >>> import torch, metabatch as mb
+        >>> net = torch.nn.Linear(2, 1)
+        >>> apply = mb.nn.functional(net)
+        >>> p = {k: torch.zeros_like(v) for k, v in mb.nn.params(net).items()}
+        >>> apply(p, torch.ones(3, 2)).tolist()
+        [[0.0], [0.0], [0.0]]
+    """
+    _check_module(module, "functional")
+    names = {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
+
+    def apply(params, *args, **kwargs):
+        if not isinstance(params, dict):
+            raise TypeError(f"apply(params, ...): params must be a dict {{name: tensor}} as given by "
+                            f"metabatch.nn.params(module), got {type(params).__name__}.")
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ValueError(f"apply(params, ...): {unknown} are not parameters or buffers of "
+                             f"{type(module).__name__}; valid names: {sorted(names)}.")
+        tensors = {k: p for k, p in module.named_parameters() if k not in params}
+        tensors.update({k: b.clone() for k, b in module.named_buffers()})
+        tensors.update(params)
+        return torch.func.functional_call(module, tensors, args, kwargs, strict=True)
+
+    return apply
+
+
+def objective(module: torch.nn.Module, fn: Callable[[Any, Any], torch.Tensor]) -> Callable:
+    """A per-task function ``f(params, data) = fn(module(params; inputs), targets)``.
+
+    ``data`` is a tuple ``(inputs, targets)`` (more items are passed as extra
+    positional inputs: ``(x1, x2, ..., targets)``). Use it for the loss given
+    to :func:`metabatch.maml.meta_loss` and for metrics such as :func:`accuracy`.
+
+    Args:
+        module: the model.
+        fn: ``fn(outputs, targets) -> scalar tensor``, e.g. ``F.cross_entropy``.
+
+    Returns:
+        ``f(params, data) -> scalar tensor``.
+
+    Raises:
+        TypeError: if ``module`` is not an ``nn.Module`` or ``fn`` is not callable;
+            (when called) if ``data`` is not a tuple or list of at least two items.
+
+    Example:
+        >>> import torch, metabatch as mb
+        >>> net = torch.nn.Linear(2, 3)
+        >>> acc = mb.nn.objective(net, mb.nn.accuracy)
+        >>> float(acc(mb.nn.params(net), (torch.zeros(4, 2), net.bias.argmax().repeat(4))))
+        1.0
+    """
+    _check_module(module, "objective")
+    if not callable(fn):
+        raise TypeError(f"objective(module, fn): fn must be callable as fn(outputs, targets), "
+                        f"got {type(fn).__name__}.")
+    apply = functional(module)
+
+    def f(params, data):
+        if not isinstance(data, (tuple, list)) or len(data) < 2:
+            raise TypeError(f"objective: data must be a tuple (inputs, targets), got "
+                            f"{type(data).__name__}" + (f" of length {len(data)}" if isinstance(
+                                data, (tuple, list)) else "") + ".")
+        return fn(apply(params, *data[:-1]), data[-1])
+
+    return f
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose arg-max over the last dimension equals ``targets``.
+
+    Example:
+        >>> import torch, metabatch as mb
+        >>> float(mb.nn.accuracy(torch.tensor([[0., 1.], [1., 0.]]), torch.tensor([1, 1])))
+        0.5
+    """
+    return (logits.argmax(-1) == targets).to(logits.dtype).mean()
+
+
+# ------------------------------------------------------------------- task-batching rules
+#
+# Convention: a task-batched activation is held "channel-folded": physically
+# [N, T*C, *spatial] (viewed as [N, T, C, *spatial] with batch dim 1), so that
+# the stock kernels of conv (grouped), batch norm and pooling see T*C channels.
+# _fold() brings any (tensor, bdim) there, as a view whenever the layout allows.
+
+
+def _fold(x: torch.Tensor, bdim: int | None, t: int) -> torch.Tensor:
+    """[.., T at bdim, ..] with logical shape [N, C, *sp] -> [N, T*C, *sp]."""
+    if bdim is None:
+        x = x.unsqueeze(1).expand(x.shape[0], t, *x.shape[1:])
+    else:
+        x = x.movedim(bdim, 1)
+    return x.flatten(1, 2)
+
+
+def _stack0(w: torch.Tensor | None, bdim: int | None, t: int) -> torch.Tensor | None:
+    """A per-task leaf [T, C, ...] (or a shared [C, ...]) -> [T*C, ...]."""
+    if w is None:
+        return None
+    if bdim is None:
+        return w.repeat(t, *([1] * (w.dim() - 1)))
+    return w.movedim(bdim, 0).flatten(0, 1)
+
+
+def _unfold(y: torch.Tensor | None, t: int, dim: int = 1):
+    if y is None:
+        return None, None
+    return y.unflatten(dim, (t, -1)), dim
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+class _Conv(torch.autograd.Function):
+    """aten.convolution (not transposed) with a task-folding vmap rule."""
+
+    @staticmethod
+    def forward(x, w, b, stride, padding, dilation, groups, channels_last):
+        return _aten.convolution(x, w, b, stride, padding, dilation, False, [0] * len(stride), groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, stride, padding, dilation, groups, channels_last = inputs
+        ctx.save_for_backward(x, w)
+        ctx.cfg = (stride, padding, dilation, groups, channels_last)
+        ctx.has_bias = b is not None
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        mask = ctx.needs_input_grad
+        gx = gw = gb = None
+        if mask[0] or mask[1]:
+            gx, gw = _ConvBackward.apply(gy, x, w, *ctx.cfg, mask[0], mask[1])
+        if ctx.has_bias and mask[2]:
+            gb = gy.sum([0] + list(range(2, gy.dim())))
+        return gx, gw, gb, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, w, b, stride, padding, dilation, groups, channels_last):
+        t = info.batch_size
+        xf = _fold(x, in_dims[0], t)
+        wf = _stack0(w, in_dims[1], t)
+        bf = _stack0(b, in_dims[2], t)
+        if channels_last:
+            xf, wf = _channels_last(xf), _channels_last(wf)
+        y = _aten.convolution(xf, wf, bf, stride, padding, dilation, False, [0] * len(stride), groups * t)
+        return _unfold(y, t)
+
+
+class _ConvBackward(torch.autograd.Function):
+    """aten.convolution_backward (input and weight grads) with a task-folding vmap rule."""
+
+    @staticmethod
+    def forward(gy, x, w, stride, padding, dilation, groups, channels_last, need_x, need_w):
+        gx, gw, _ = _aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False,
+                                               [0] * len(stride), groups, [need_x, need_w, False])
+        return gx, gw
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(_THIRD_ORDER)
+
+    @staticmethod
+    def vmap(info, in_dims, gy, x, w, stride, padding, dilation, groups, channels_last, need_x, need_w):
+        t = info.batch_size
+        gyf, xf, wf = _fold(gy, in_dims[0], t), _fold(x, in_dims[1], t), _stack0(w, in_dims[2], t)
+        if channels_last:
+            gyf, xf, wf = _channels_last(gyf), _channels_last(xf), _channels_last(wf)
+        gx, gw, _ = _aten.convolution_backward(gyf, xf, wf, None, stride, padding, dilation, False,
+                                               [0] * len(stride), groups * t, [need_x, need_w, False])
+        (gx, dx), (gw, dw) = _unfold(gx, t), _unfold(gw, t, 0)
+        return (gx, gw), (dx, dw)
+
+
+class _BatchNorm(torch.autograd.Function):
+    """Training-mode batch norm (batch statistics, no running stats) with a task-folding vmap rule."""
+
+    @staticmethod
+    def forward(x, w, b, eps):
+        return _aten.native_batch_norm(x, w, b, None, None, True, 0.0, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, eps = inputs
+        _, mean, invstd = output
+        ctx.save_for_backward(x, w, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.eps = eps
+        ctx.has_bias = b is not None
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _ginvstd):
+        x, w, mean, invstd = ctx.saved_tensors
+        gx, gw, gb = _BatchNormBackward.apply(gy, x, w, mean, invstd, ctx.eps, ctx.has_bias)
+        return gx, gw, gb, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, w, b, eps):
+        t = info.batch_size
+        y, mean, invstd = _aten.native_batch_norm(
+            _fold(x, in_dims[0], t), _stack0(w, in_dims[1], t), _stack0(b, in_dims[2], t),
+            None, None, True, 0.0, eps)
+        (y, dy), (mean, dm), (invstd, di) = _unfold(y, t), _unfold(mean, t, 0), _unfold(invstd, t, 0)
+        return (y, mean, invstd), (dy, dm, di)
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """aten.native_batch_norm_backward (training mode) with a task-folding vmap rule."""
+
+    @staticmethod
+    def forward(gy, x, w, mean, invstd, eps, has_bias):
+        affine = w is not None
+        return _aten.native_batch_norm_backward(gy, x, w, None, None, mean, invstd, True, eps,
+                                                [True, affine, affine and has_bias])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(_THIRD_ORDER)
+
+    @staticmethod
+    def vmap(info, in_dims, gy, x, w, mean, invstd, eps, has_bias):
+        t = info.batch_size
+        affine = w is not None
+        gx, gw, gb = _aten.native_batch_norm_backward(
+            _fold(gy, in_dims[0], t), _fold(x, in_dims[1], t), _stack0(w, in_dims[2], t), None, None,
+            _stack0(mean, in_dims[3], t), _stack0(invstd, in_dims[4], t), True, eps,
+            [True, affine, affine and has_bias])
+        (gx, dx), (gw, dw), (gb, db) = _unfold(gx, t), _unfold(gw, t, 0), _unfold(gb, t, 0)
+        return (gx, gw, gb), (dx, dw, db)
+
+
+class _MaxPool(torch.autograd.Function):
+    """aten.max_pool2d_with_indices with a task-folding vmap rule."""
+
+    @staticmethod
+    def forward(x, kernel, stride, padding, dilation, ceil_mode):
+        return _aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, *cfg = inputs
+        ctx.save_for_backward(x, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.cfg = cfg
+
+    @staticmethod
+    def backward(ctx, gy, _gidx):
+        x, idx = ctx.saved_tensors
+        return (_MaxPoolBackward.apply(gy, x, idx, *ctx.cfg),) + (None,) * 5
+
+    @staticmethod
+    def vmap(info, in_dims, x, kernel, stride, padding, dilation, ceil_mode):
+        t = info.batch_size
+        y, idx = _aten.max_pool2d_with_indices(_fold(x, in_dims[0], t), kernel, stride, padding,
+                                               dilation, ceil_mode)
+        return (y.unflatten(1, (t, -1)), idx.unflatten(1, (t, -1))), (1, 1)
+
+
+class _MaxPoolBackward(torch.autograd.Function):
+    """aten.max_pool2d_with_indices_backward with a task-folding vmap rule."""
+
+    @staticmethod
+    def forward(gy, x, idx, kernel, stride, padding, dilation, ceil_mode):
+        return _aten.max_pool2d_with_indices_backward(gy, x, kernel, stride, padding, dilation,
+                                                      ceil_mode, idx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(_THIRD_ORDER)
+
+    @staticmethod
+    def vmap(info, in_dims, gy, x, idx, kernel, stride, padding, dilation, ceil_mode):
+        t = info.batch_size
+        gx = _aten.max_pool2d_with_indices_backward(
+            _fold(gy, in_dims[0], t), _fold(x, in_dims[1], t), kernel, stride, padding, dilation,
+            ceil_mode, _fold(idx, in_dims[2], t))
+        return _unfold(gx, t)
+
+
+_THIRD_ORDER = ("metabatch.nn.batching_rules: a third derivative through a batched conv, batch norm "
+                "or max-pool rule is not implemented (MAML needs two). Turn the rules off for this call "
+                "(batch_rules=False in metabatch.maml, or leave the batching_rules() context).")
+
+
+def _is_batched(x) -> bool:
+    """Whether a tensor carries a vmap batch dimension at any functorch level."""
+    if not isinstance(x, torch.Tensor):
+        return False
+    while _C.maybe_get_level(x) != -1:
+        if _C.is_batchedtensor(x):
+            return True
+        x = _C.get_unwrapped(x)
+    return False
+
+
+def _channels_last_here() -> bool:
+    """Channels-last pays on CPU (pooling 10x, batch norm 2x, convs up to 2x), but only
+    while every tensor of an op shares the layout. Native double-backward formulas
+    (batch norm's) build contiguous intermediates, so activations that will be
+    differentiated twice -- those computed under an inner ``grad`` -- stay contiguous."""
+    top = _C.peek_interpreter_stack()
+    return top is None or top.key() != _C.TransformType.Grad
+
+
+def _pair(v, name: str) -> list[int]:
+    v = list(v) if isinstance(v, (tuple, list)) else [v, v]
+    if len(v) == 1:
+        v = v * 2
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    if isinstance(padding, str) or input.dim() != 4 or not (_is_batched(input) or _is_batched(weight)):
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return _Conv.apply(input, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
+                       _pair(dilation, "dilation"), groups, _channels_last_here())
+
+
+def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                return_indices=False):
+    if input.dim() != 4 or not _is_batched(input):
+        return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                            return_indices=return_indices)
+    kernel = _pair(kernel_size, "kernel_size")
+    stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and not stride) else _pair(
+        stride, "stride")
+    y, idx = _MaxPool.apply(input, kernel, stride, _pair(padding, "padding"), _pair(dilation, "dilation"),
+                            ceil_mode)
+    return (y, idx) if return_indices else y
+
+
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+                momentum=0.1, eps=1e-5):
+    uses_batch_stats = training or running_mean is None or running_var is None
+    if not uses_batch_stats or not any(_is_batched(t) for t in (input, weight, bias)):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    # Batch statistics of each task; running statistics are left untouched (a pure function).
+    return _BatchNorm.apply(input, weight, bias, eps)[0]
+
+
+def _normalize(x, dims, eps):
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, correction=0, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if not any(_is_batched(t) for t in (input, weight, bias)):
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
+    n = len((normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape)
+    y = _normalize(input, tuple(range(-n, 0)), eps)
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + bias
+
+
+def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                   use_input_stats=True, momentum=0.1, eps=1e-5):
+    if not use_input_stats or not any(_is_batched(t) for t in (input, weight, bias)):
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                               momentum, eps)
+    y = _normalize(input, tuple(range(2, input.dim())), eps)
+    shape = (-1,) + (1,) * (input.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    return y if bias is None else y + bias.reshape(shape)
+
+
+def _view(self, *shape, **kwargs):
+    try:
+        return torch.Tensor.view(self, *shape, **kwargs)
+    except RuntimeError:
+        # A channels-last activation cannot always be viewed as [N, -1]; copy instead.
+        if kwargs or (len(shape) == 1 and isinstance(shape[0], torch.dtype)) or not _is_batched(self):
+            raise
+        return self.reshape(*shape)
+
+
+def _contiguous_first(func):
+    """Ops whose stock vmap rules reject (group_norm) or warn about (adaptive_avg_pool2d)
+    a channels-last batched input: give them a contiguous one."""
+
+    def rule(*args, **kwargs):
+        args = [a.contiguous() if _is_batched(a) else a for a in args]
+        return func(*args, **kwargs)
+
+    return rule
+
+
+_RULES = {
+    torch.Tensor.view: _view,
+    F.group_norm: _contiguous_first(F.group_norm),
+    F.adaptive_avg_pool2d: _contiguous_first(F.adaptive_avg_pool2d),
+    F.conv2d: _conv2d,
+    F.max_pool2d: _max_pool2d,
+    F.batch_norm: _batch_norm,
+    F.layer_norm: _layer_norm,
+    F.instance_norm: _instance_norm,
+}
+
+
+class _BatchingRules(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        rule = _RULES.get(func)
+        if rule is None:
+            return func(*args, **(kwargs or {}))
+        return rule(*args, **(kwargs or {}))
+
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def batching_rules(enabled: bool = True):
+    """Route batched norm, conv and pooling calls through metabatch's exact rules.
+
+    :func:`metabatch.maml.meta_loss` and the other task-batched functions of
+    :mod:`metabatch.maml` enter this context themselves; enter it yourself when
+    you call ``torch.func.vmap`` over tasks with your own code. Inside it, while
+    vmapped, ``F.batch_norm`` in training mode uses each task's batch
+    statistics and never updates running statistics, and the meta-gradient
+    through ``batch_norm``, ``layer_norm`` and ``instance_norm`` is exact (it is
+    not with PyTorch's own batching rules: ``docs/sharp-bits.md``).
+    Nested uses are free: only the outermost one installs the rules.
+
+    Args:
+        enabled: ``False`` makes the context a no-op (to compare with stock PyTorch).
+
+    Example:
+        >>> import torch, metabatch as mb
+        >>> bn = torch.nn.BatchNorm1d(2, track_running_stats=False)
+        >>> x = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0))
+        >>> with mb.nn.batching_rules():
+        ...     y = torch.func.vmap(bn)(x)
+        >>> torch.allclose(y, torch.stack([bn(xi) for xi in x]), atol=1e-6)
+        True
+    """
+    if not enabled or getattr(_state, "active", False):
+        yield
+        return
+    _state.active = True
+    try:
+        with _BatchingRules():
+            yield
+    finally:
+        _state.active = False
