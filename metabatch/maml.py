@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -45,7 +46,7 @@ import torch
 from . import nn as _nn
 from . import random as _random
 
-__all__ = ["adapt", "meta_loss", "reptile_grad", "evaluate", "Evaluation", "mean_ci"]
+__all__ = ["Evaluation", "adapt", "evaluate", "mean_ci", "meta_loss", "reptile_grad"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 _RANDOMNESS = ("different", "same", "error")
@@ -197,7 +198,7 @@ def adapt(loss_fn: LossFn, params, support, *, steps: int = 1, lr=0.01, first_or
         ValueError: for a negative or non-int ``steps``, a non-finite ``lr``, a mask selecting nothing.
         TypeError: when ``lr`` or ``mask`` is a pytree whose structure differs from ``params``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metabatch import maml
         >>> loss_fn = lambda p, d: ((p["w"] - d) ** 2).sum()
@@ -274,7 +275,7 @@ def meta_loss(loss_fn: LossFn, params, support, query, *, steps: int = 1, lr=0.0
             tasks, for a bad ``steps``, ``chunk_size`` or ``randomness``.
         TypeError: when ``lr`` or ``mask`` does not match ``params``, or a data leaf is not a tensor.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metabatch import maml
         >>> def loss_fn(p, data):
@@ -327,7 +328,7 @@ def reptile_grad(loss_fn: LossFn, params, support, *, steps: int = 5, lr=0.01, m
     Raises:
         ValueError, TypeError: as :func:`meta_loss`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metabatch import maml
         >>> w = torch.nn.Parameter(torch.zeros(()))
@@ -384,7 +385,7 @@ def mean_ci(values: torch.Tensor, z: float = 1.96) -> tuple[float, float]:
     Returns:
         ``(mean, half_width)``; the half-width is ``nan`` for fewer than two values.
 
-    Example:
+    Examples:
         >>> from metabatch import maml
         >>> import torch
         >>> [round(v, 3) for v in maml.mean_ci(torch.tensor([1.0, 2.0, 3.0]))]
@@ -423,7 +424,7 @@ def evaluate(loss_fn: LossFn, params, support, query, *, steps: int = 10, lr=0.0
     Raises:
         ValueError, TypeError: as :func:`meta_loss`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from metabatch import maml
         >>> loss_fn = lambda p, y: ((p["w"] - y) ** 2).mean()

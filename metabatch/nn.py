@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["params", "functional", "objective", "accuracy", "batching_rules"]
+__all__ = ["accuracy", "batching_rules", "functional", "objective", "params"]
 
 _aten = torch.ops.aten
 _C = torch._C._functorch
@@ -80,7 +81,7 @@ def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     Raises:
         TypeError: if ``module`` is not an ``nn.Module``.
 
-    Example:
+    Examples:
         >>> import torch, metabatch as mb
         >>> sorted(mb.nn.params(torch.nn.Linear(2, 1)))
         ['bias', 'weight']
@@ -109,7 +110,7 @@ def functional(module: torch.nn.Module) -> Callable[..., Any]:
         TypeError: if ``module`` is not an ``nn.Module``.
         ValueError: (when called) if ``params`` names a tensor the module does not have.
 
-    Example:
+    Examples:
         >>> import torch, metabatch as mb
         >>> net = torch.nn.Linear(2, 1)
         >>> apply = mb.nn.functional(net)
@@ -154,7 +155,7 @@ def objective(module: torch.nn.Module, fn: Callable[[Any, Any], torch.Tensor]) -
         TypeError: if ``module`` is not an ``nn.Module`` or ``fn`` is not callable;
             (when called) if ``data`` is not a tuple or list of at least two items.
 
-    Example:
+    Examples:
         >>> import torch, metabatch as mb
         >>> net = torch.nn.Linear(2, 3)
         >>> acc = mb.nn.objective(net, mb.nn.accuracy)
@@ -180,7 +181,7 @@ def objective(module: torch.nn.Module, fn: Callable[[Any, Any], torch.Tensor]) -
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose arg-max over the last dimension equals ``targets``.
 
-    Example:
+    Examples:
         >>> import torch, metabatch as mb
         >>> float(mb.nn.accuracy(torch.tensor([[0., 1.], [1., 0.]]), torch.tensor([1, 1])))
         0.5
@@ -272,11 +273,28 @@ class _ConvBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        gy, x, w, *cfg = inputs
+        ctx.save_for_backward(gy, x, w)
+        ctx.cfg = cfg[:5]
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(_THIRD_ORDER)
+    def backward(ctx, ggx, ggw):
+        # gx = conv_input_grad(gy, w) and gw = conv_weight_grad(gy, x) are bilinear: their
+        # derivatives are convolutions again, through the same batched rules.
+        gy, x, w = ctx.saved_tensors
+        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        g_gy = g_x = g_w = None
+        if need_gy:
+            if ggx is not None:
+                g_gy = _Conv.apply(ggx, w, None, *ctx.cfg)
+            if ggw is not None:
+                term = _Conv.apply(x, ggw, None, *ctx.cfg)
+                g_gy = term if g_gy is None else g_gy + term
+        if need_x and ggw is not None:
+            g_x = _ConvBackward.apply(gy, x, ggw, *ctx.cfg, True, False)[0]
+        if need_w and ggx is not None:
+            g_w = _ConvBackward.apply(gy, ggx, w, *ctx.cfg, False, True)[1]
+        return (g_gy, g_x, g_w) + (None,) * 7
 
     @staticmethod
     def vmap(info, in_dims, gy, x, w, stride, padding, dilation, groups, channels_last, need_x, need_w):
@@ -329,15 +347,22 @@ class _BatchNormBackward(torch.autograd.Function):
     def forward(gy, x, w, mean, invstd, eps, has_bias):
         affine = w is not None
         return _aten.native_batch_norm_backward(gy, x, w, None, None, mean, invstd, True, eps,
-                                                [True, affine, affine and has_bias])
+                                                [True, affine, has_bias])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        gy, x, w, _, _, eps, has_bias = inputs
+        ctx.save_for_backward(gy, x, w)
+        ctx.eps, ctx.has_bias = eps, has_bias
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(_THIRD_ORDER)
+    def backward(ctx, ggx, ggw, ggb):
+        # Third order (rare): differentiate an exact mean/variance decomposition.
+        gy, x, w = ctx.saved_tensors
+        outs, vjp = torch.func.vjp(lambda gy, x, w: _bn_backward(gy, x, w, ctx.eps), gy, x, w)
+        cotangents = tuple(torch.zeros_like(o) if g is None else g for g, o in zip((ggx, ggw, ggb), outs))
+        g_gy, g_x, g_w = vjp(cotangents)
+        return g_gy, g_x, (g_w if w is not None else None), None, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, gy, x, w, mean, invstd, eps, has_bias):
@@ -346,9 +371,21 @@ class _BatchNormBackward(torch.autograd.Function):
         gx, gw, gb = _aten.native_batch_norm_backward(
             _fold(gy, in_dims[0], t), _fold(x, in_dims[1], t), _stack0(w, in_dims[2], t), None, None,
             _stack0(mean, in_dims[3], t), _stack0(invstd, in_dims[4], t), True, eps,
-            [True, affine, affine and has_bias])
+            [True, affine, has_bias])
         (gx, dx), (gw, dw), (gb, db) = _unfold(gx, t), _unfold(gw, t, 0), _unfold(gb, t, 0)
         return (gx, gw, gb), (dx, dw, db)
+
+
+def _bn_backward(gy, x, w, eps):
+    """Training-mode batch-norm backward (input, weight, bias grads) as plain differentiable ops."""
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dims, keepdim=True)
+    invstd = torch.rsqrt(x.var(dims, correction=0, keepdim=True) + eps)
+    xhat = (x - mean) * invstd
+    g = gy if w is None else gy * w.reshape(shape)
+    gx = invstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+    return gx, (gy * xhat).sum(dims), gy.sum(dims)
 
 
 class _MaxPool(torch.autograd.Function):
@@ -388,11 +425,16 @@ class _MaxPoolBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        gy, _, idx = inputs[:3]
+        ctx.save_for_backward(idx)
+        ctx.shape = gy.shape
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(_THIRD_ORDER)
+    def backward(ctx, ggx):
+        # Linear in gy: its transpose gathers the incoming gradient at the argmax positions.
+        (idx,) = ctx.saved_tensors
+        g_gy = ggx.flatten(-2).gather(-1, idx.flatten(-2)).reshape(ctx.shape)
+        return (g_gy,) + (None,) * 7
 
     @staticmethod
     def vmap(info, in_dims, gy, x, idx, kernel, stride, padding, dilation, ceil_mode):
@@ -401,11 +443,6 @@ class _MaxPoolBackward(torch.autograd.Function):
             _fold(gy, in_dims[0], t), _fold(x, in_dims[1], t), kernel, stride, padding, dilation,
             ceil_mode, _fold(idx, in_dims[2], t))
         return _unfold(gx, t)
-
-
-_THIRD_ORDER = ("metabatch.nn.batching_rules: a third derivative through a batched conv, batch norm "
-                "or max-pool rule is not implemented (MAML needs two). Turn the rules off for this call "
-                "(batch_rules=False in metabatch.maml, or leave the batching_rules() context).")
 
 
 def _is_batched(x) -> bool:
@@ -554,7 +591,7 @@ def batching_rules(enabled: bool = True):
     Args:
         enabled: ``False`` makes the context a no-op (to compare with stock PyTorch).
 
-    Example:
+    Examples:
         >>> import torch, metabatch as mb
         >>> bn = torch.nn.BatchNorm1d(2, track_running_stats=False)
         >>> x = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0))

@@ -5,8 +5,8 @@ import itertools
 import optree
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import metabatch as mb
 from metabatch import maml
@@ -61,14 +61,19 @@ MODELS = {
 }
 
 
+def at(tree, t):
+    """Task ``t`` (an index or a slice) of a batched pytree."""
+    return optree.tree_map(lambda x: x[t], tree)
+
+
 def reference_meta_loss(loss_fn, params, support, query, steps, lr, first_order, keep=None):
     """The per-task loop that meta_loss must match: torch.autograd.grad(create_graph=True)."""
     names = list(params)
     keep = keep or {k: True for k in names}
     total = 0
     for t in range(T):
-        s = optree.tree_map(lambda x: x[t], support)
-        q = optree.tree_map(lambda x: x[t], query)
+        s = at(support, t)
+        q = at(query, t)
         phi = dict(params)
         for _ in range(steps):
             moving = [k for k in names if keep[k]]
@@ -253,9 +258,8 @@ def test_dropout_same_randomness_equals_loop_with_the_same_seed():
     with torch.random.fork_rng(devices=[]):
         for t in range(T):
             torch.manual_seed(seed)
-            task = lambda x: x[t:t + 1]  # noqa: E731
-            per_task.append(reference_meta_loss_task(loss_fn, params, optree.tree_map(task, support),
-                                                     optree.tree_map(task, query)))
+            per_task.append(reference_meta_loss_task(loss_fn, params, at(support, slice(t, t + 1)),
+                                                     at(query, slice(t, t + 1))))
     want_loss = torch.stack(per_task).mean()
     assert got_loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
     assert_close_grads(got, torch.autograd.grad(want_loss, list(params.values())))
@@ -296,8 +300,8 @@ def test_vmap_over_tasks_equals_python_loop_of_adapt(model):
     params = mnn.params(net)
     per_task = []
     for t in range(T):
-        s = optree.tree_map(lambda x: x[t], support)
-        q = optree.tree_map(lambda x: x[t], query)
+        s = at(support, t)
+        q = at(query, t)
         per_task.append(loss_fn(maml.adapt(loss_fn, params, s, steps=2, lr=0.3), q))
     want = torch.stack(per_task).mean()
     got = maml.meta_loss(loss_fn, params, support, query, steps=2, lr=0.3)
@@ -356,7 +360,7 @@ def test_reptile_grad_is_theta_minus_mean_adapted():
     support, _ = classification_batch((2,), seed=19)
     params = mnn.params(net)
     got = maml.reptile_grad(loss_fn, params, support, steps=3, lr=0.2)
-    adapted = [maml.adapt(loss_fn, params, optree.tree_map(lambda x: x[t], support), steps=3, lr=0.2,
+    adapted = [maml.adapt(loss_fn, params, at(support, t), steps=3, lr=0.2,
                           first_order=True) for t in range(T)]
     for k, p in params.items():
         want = p.detach() - torch.stack([a[k] for a in adapted]).mean(0)
@@ -378,8 +382,8 @@ def test_evaluate_reports_per_task_values_and_a_95_percent_interval():
     params = mnn.params(net)
     ev = maml.evaluate(loss_fn, params, support, query, steps=4, lr=0.3, metric_fn=acc_fn)
     for t in range(T):
-        phi = maml.adapt(loss_fn, params, optree.tree_map(lambda x: x[t], support), steps=4, lr=0.3)
-        q = optree.tree_map(lambda x: x[t], query)
+        phi = maml.adapt(loss_fn, params, at(support, t), steps=4, lr=0.3)
+        q = at(query, t)
         assert ev.per_task_loss[t].item() == pytest.approx(loss_fn(phi, q).item(), rel=1e-10)
         assert ev.per_task_metric[t].item() == pytest.approx(acc_fn(phi, q).item())
     losses = ev.per_task_loss

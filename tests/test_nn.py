@@ -4,8 +4,8 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.func import grad, vmap
 
 from metabatch import maml
@@ -123,10 +123,10 @@ def second_order_check(op, x, params, batched_params=(), tol=1e-10):
 
 
 CONVS = {
-    "plain": dict(),
-    "stride_pad": dict(stride=2, padding=1),
-    "dilation": dict(padding=2, dilation=2),
-    "groups": dict(groups=2, padding=(1, 0)),
+    "plain": {},
+    "stride_pad": {"stride": 2, "padding": 1},
+    "dilation": {"padding": 2, "dilation": 2},
+    "groups": {"groups": 2, "padding": (1, 0)},
 }
 
 
@@ -137,14 +137,15 @@ def test_conv2d_rule(kind, batched_weight):
     cin = 4 if kind == "groups" else 3
     w = randn(*((T,) if batched_weight else ()), 4, cin // kw.get("groups", 1), 3, 3, seed=1)
     b = randn(*((T,) if batched_weight else ()), 4, seed=2)
-    op = lambda x, w, b: F.conv2d(x, w, b, **kw)  # noqa: E731
+    op = lambda x, w, b: F.conv2d(x, w, b, **kw)
     second_order_check(op, randn(T, 2, cin, 6, 7, seed=3), [w, b], batched_params=(0, 1) if batched_weight else ())
-    op_nobias = lambda x, w: F.conv2d(x, w, None, **kw)  # noqa: E731
+    op_nobias = lambda x, w: F.conv2d(x, w, None, **kw)
     second_order_check(op_nobias, randn(T, 2, cin, 6, 7, seed=4), [w], batched_params=(0,) if batched_weight else ())
 
 
-@pytest.mark.parametrize("kw", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
-                                dict(kernel_size=(2, 3), stride=1, dilation=(1, 2))])
+@pytest.mark.parametrize("kw", [{"kernel_size": 2},
+                                {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True},
+                                {"kernel_size": (2, 3), "stride": 1, "dilation": (1, 2)}])
 def test_max_pool2d_rule(kw):
     second_order_check(lambda x: F.max_pool2d(x, **kw), randn(T, 2, 3, 7, 8, seed=5), [])
     x = randn(T, 2, 3, 7, 8, seed=6)
@@ -266,14 +267,21 @@ def test_view_of_a_channels_last_activation_falls_back_to_reshape():
     assert loss.item() == pytest.approx(want.item(), rel=1e-12)
 
 
-def test_third_order_through_a_rule_raises_a_clear_error():
-    x, w = randn(T, 2, 1, 5, 5, seed=34), randn(2, 1, 3, 3, seed=35)
+@pytest.mark.parametrize("op", ["conv", "max_pool", "batch_norm"])
+def test_per_task_second_order_under_vmap_equals_loop(op):
+    """vmap of grad of grad (e.g. per-task meta-gradients) needs the rules' own backward."""
+    x, w = randn(T, 2, 2, 6, 6, seed=34), randn(2, 2, 3, 3, seed=35)
+    f = {"conv": lambda x, w: F.conv2d(x, w, padding=1),
+         "max_pool": lambda x, w: F.max_pool2d(F.conv2d(x, w, padding=1), 2),
+         "batch_norm": lambda x, w: F.batch_norm(F.conv2d(x, w), None, None, w[:, 0, 0, 0], None, training=True)}[op]
 
     def task(w, x):  # differentiates the inner gradient above the vmap level
-        return grad(lambda w: grad(lambda w: F.conv2d(x, w).pow(3).sum())(w).pow(2).sum())(w)
+        return grad(lambda w: grad(lambda w: f(x, w).pow(3).sum())(w).pow(2).sum())(w)
 
-    with mnn.batching_rules(), pytest.raises(NotImplementedError, match="third derivative"):
-        vmap(task, in_dims=(None, 0))(w, x)
+    with mnn.batching_rules():
+        got = vmap(task, in_dims=(None, 0))(w, x)
+    for t in range(T):
+        assert torch.allclose(got[t], task(w, x[t]), rtol=1e-10, atol=1e-10)
 
 
 def test_rules_only_touch_batched_calls_and_nest():
