@@ -461,6 +461,8 @@ def _channels_last_here() -> bool:
     while every tensor of an op shares the layout. Native double-backward formulas
     (batch norm's) build contiguous intermediates, so activations that will be
     differentiated twice -- those computed under an inner ``grad`` -- stay contiguous."""
+    if not getattr(_state, "channels_last", True):
+        return False
     top = _C.peek_interpreter_stack()
     return top is None or top.key() != _C.TransformType.Grad
 
@@ -576,7 +578,7 @@ _state = threading.local()
 
 
 @contextlib.contextmanager
-def batching_rules(enabled: bool = True):
+def batching_rules(enabled: bool = True, *, channels_last: bool = True):
     """Route batched norm, conv and pooling calls through metabatch's exact rules.
 
     :func:`metabatch.maml.meta_loss` and the other task-batched functions of
@@ -586,10 +588,14 @@ def batching_rules(enabled: bool = True):
     statistics and never updates running statistics, and the meta-gradient
     through ``batch_norm``, ``layer_norm`` and ``instance_norm`` is exact (it is
     not with PyTorch's own batching rules: ``docs/sharp-bits.md``).
-    Nested uses are free: only the outermost one installs the rules.
+    Nested uses are free: only the outermost one installs the rules, so
+    ``with batching_rules(channels_last=False): maml.meta_loss(...)`` sets the layout
+    for a ``meta_loss`` call.
 
     Args:
         enabled: ``False`` makes the context a no-op (to compare with stock PyTorch).
+        channels_last: hold batched conv activations of the query pass channels-last
+            (faster on CPU). ``False`` keeps them contiguous, for code that needs it.
 
     Examples:
         >>> import torch, metabatch as mb
@@ -603,9 +609,9 @@ def batching_rules(enabled: bool = True):
     if not enabled or getattr(_state, "active", False):
         yield
         return
-    _state.active = True
+    _state.active, _state.channels_last = True, bool(channels_last)
     try:
         with _BatchingRules():
             yield
     finally:
-        _state.active = False
+        _state.active, _state.channels_last = False, True

@@ -296,3 +296,14 @@ def test_rules_only_touch_batched_calls_and_nest():
         assert torch.equal(grad(f)(w), want)
     with mnn.batching_rules(enabled=False):
         assert torch.equal(grad(f)(w), want)
+
+
+def test_channels_last_can_be_turned_off_for_a_meta_loss_call():
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 9, 2))
+    loss_fn = mnn.objective(net, F.cross_entropy)
+    xs, ys = randn(T, 4, 1, 6, 6, seed=38), torch.randint(0, 2, (T, 4))
+    default = maml.meta_loss(loss_fn, mnn.params(net), (xs, ys), (xs, ys), steps=2, lr=0.1)
+    with mnn.batching_rules(channels_last=False):
+        contiguous = maml.meta_loss(loss_fn, mnn.params(net), (xs, ys), (xs, ys), steps=2, lr=0.1)
+    assert contiguous.item() == pytest.approx(default.item(), rel=1e-12)
