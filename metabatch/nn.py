@@ -18,13 +18,12 @@ calls whose arguments are batched by ``vmap`` are routed through metabatch's own
   statistics: the meta-gradient is wrong (see ``docs/sharp-bits.md``). metabatch
   folds the task dimension into the channels and calls the native kernels, whose
   double-backward formulas are right, or uses an exact mean/variance decomposition.
-* ``conv2d`` and ``max_pool2d``: tasks are folded into channels (one grouped
-  convolution over ``[N, T*C, H, W]``, one pooling call), which keeps every
-  activation in one layout from layer to layer instead of transposing and
-  copying it around each op, as the stock rules do. Outside an inner ``grad``
-  (the query pass) the layout is channels-last, which is much faster on CPU;
-  ``Tensor.view`` of such an activation falls back to ``reshape`` when a view
-  is impossible.
+* ``conv2d`` (in the query pass, outside any inner ``grad``) and ``max_pool2d``:
+  tasks are folded into channels (one grouped convolution over ``[N, T*C, H, W]``
+  in channels-last memory, one pooling call), which keeps every activation in
+  one layout from layer to layer instead of transposing and copying it around
+  each op, as the stock rules do, and is much faster on CPU. ``Tensor.view`` of
+  a channels-last activation falls back to ``reshape`` when a view is impossible.
 
 Calls whose arguments are not batched go straight to PyTorch.
 
@@ -222,90 +221,40 @@ def _unfold(y: torch.Tensor | None, t: int, dim: int = 1):
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    # Still batched by an outer vmap (nested vmaps): vmap cannot restride it.
+    if x.dim() != 4 or _is_batched(x):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class _Conv(torch.autograd.Function):
-    """aten.convolution (not transposed) with a task-folding vmap rule."""
+    """aten.convolution (not transposed) with a task-folding, channels-last vmap rule.
+
+    Applied only when the innermost transform is a vmap (the query pass): the rule then
+    dissolves it into a native grouped convolution, which the transforms and autograd levels
+    below differentiate natively, so the Function itself is never differentiated.
+    """
 
     @staticmethod
-    def forward(x, w, b, stride, padding, dilation, groups, channels_last):
+    def forward(x, w, b, stride, padding, dilation, groups):
         return _aten.convolution(x, w, b, stride, padding, dilation, False, [0] * len(stride), groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, b, stride, padding, dilation, groups, channels_last = inputs
-        ctx.save_for_backward(x, w)
-        ctx.cfg = (stride, padding, dilation, groups, channels_last)
-        ctx.has_bias = b is not None
+        pass
 
     @staticmethod
-    def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        mask = ctx.needs_input_grad
-        gx = gw = gb = None
-        if mask[0] or mask[1]:
-            gx, gw = _ConvBackward.apply(gy, x, w, *ctx.cfg, mask[0], mask[1])
-        if ctx.has_bias and mask[2]:
-            gb = gy.sum([0] + list(range(2, gy.dim())))
-        return gx, gw, gb, None, None, None, None, None
+    def backward(ctx, gy):  # pragma: no cover - see the class docstring
+        raise RuntimeError("metabatch.nn._Conv is applied only at a vmap level; please report this.")
 
     @staticmethod
-    def vmap(info, in_dims, x, w, b, stride, padding, dilation, groups, channels_last):
+    def vmap(info, in_dims, x, w, b, stride, padding, dilation, groups):
         t = info.batch_size
-        xf = _fold(x, in_dims[0], t)
-        wf = _stack0(w, in_dims[1], t)
+        xf = _channels_last(_fold(x, in_dims[0], t))
+        wf = _channels_last(_stack0(w, in_dims[1], t))
         bf = _stack0(b, in_dims[2], t)
-        if channels_last:
-            xf, wf = _channels_last(xf), _channels_last(wf)
         y = _aten.convolution(xf, wf, bf, stride, padding, dilation, False, [0] * len(stride), groups * t)
         return _unfold(y, t)
-
-
-class _ConvBackward(torch.autograd.Function):
-    """aten.convolution_backward (input and weight grads) with a task-folding vmap rule."""
-
-    @staticmethod
-    def forward(gy, x, w, stride, padding, dilation, groups, channels_last, need_x, need_w):
-        gx, gw, _ = _aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False,
-                                               [0] * len(stride), groups, [need_x, need_w, False])
-        return gx, gw
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        gy, x, w, *cfg = inputs
-        ctx.save_for_backward(gy, x, w)
-        ctx.cfg = cfg[:5]
-
-    @staticmethod
-    def backward(ctx, ggx, ggw):
-        # gx = conv_input_grad(gy, w) and gw = conv_weight_grad(gy, x) are bilinear: their
-        # derivatives are convolutions again, through the same batched rules.
-        gy, x, w = ctx.saved_tensors
-        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
-        g_gy = g_x = g_w = None
-        if need_gy:
-            if ggx is not None:
-                g_gy = _Conv.apply(ggx, w, None, *ctx.cfg)
-            if ggw is not None:
-                term = _Conv.apply(x, ggw, None, *ctx.cfg)
-                g_gy = term if g_gy is None else g_gy + term
-        if need_x and ggw is not None:
-            g_x = _ConvBackward.apply(gy, x, ggw, *ctx.cfg, True, False)[0]
-        if need_w and ggx is not None:
-            g_w = _ConvBackward.apply(gy, ggx, w, *ctx.cfg, False, True)[1]
-        return (g_gy, g_x, g_w) + (None,) * 7
-
-    @staticmethod
-    def vmap(info, in_dims, gy, x, w, stride, padding, dilation, groups, channels_last, need_x, need_w):
-        t = info.batch_size
-        gyf, xf, wf = _fold(gy, in_dims[0], t), _fold(x, in_dims[1], t), _stack0(w, in_dims[2], t)
-        if channels_last:
-            gyf, xf, wf = _channels_last(gyf), _channels_last(xf), _channels_last(wf)
-        gx, gw, _ = _aten.convolution_backward(gyf, xf, wf, None, stride, padding, dilation, False,
-                                               [0] * len(stride), groups * t, [need_x, need_w, False])
-        (gx, dx), (gw, dw) = _unfold(gx, t), _unfold(gw, t, 0)
-        return (gx, gw), (dx, dw)
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -456,15 +405,13 @@ def _is_batched(x) -> bool:
     return False
 
 
-def _channels_last_here() -> bool:
-    """Channels-last pays on CPU (pooling 10x, batch norm 2x, convs up to 2x), but only
-    while every tensor of an op shares the layout. Native double-backward formulas
-    (batch norm's) build contiguous intermediates, so activations that will be
-    differentiated twice -- those computed under an inner ``grad`` -- stay contiguous."""
-    if not getattr(_state, "channels_last", True):
-        return False
+def _innermost():
+    """The innermost functorch transform active now (a TransformType), or None."""
     top = _C.peek_interpreter_stack()
-    return top is None or top.key() != _C.TransformType.Grad
+    return None if top is None else top.key()
+
+
+_VMAP, _GRAD = _C.TransformType.Vmap, _C.TransformType.Grad
 
 
 def _pair(v, name: str) -> list[int]:
@@ -477,15 +424,19 @@ def _pair(v, name: str) -> list[int]:
 
 
 def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    if isinstance(padding, str) or input.dim() != 4 or not (_is_batched(input) or _is_batched(weight)):
+    # Only the query pass (innermost transform a vmap) goes channels-last: under an inner grad
+    # (the support pass) the stock rule is as fast and keeps the layout contiguous, which the
+    # native batch-norm double backward wants.
+    if (isinstance(padding, str) or input.dim() != 4 or not getattr(_state, "channels_last", True)
+            or _innermost() != _VMAP or not (_is_batched(input) or _is_batched(weight))):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return _Conv.apply(input, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
-                       _pair(dilation, "dilation"), groups, _channels_last_here())
+                       _pair(dilation, "dilation"), groups)
 
 
 def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                 return_indices=False):
-    if input.dim() != 4 or not _is_batched(input):
+    if input.dim() != 4 or _innermost() not in (_VMAP, _GRAD) or not _is_batched(input):
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
     kernel = _pair(kernel_size, "kernel_size")
@@ -502,7 +453,12 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
     if not uses_batch_stats or not any(_is_batched(t) for t in (input, weight, bias)):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     # Batch statistics of each task; running statistics are left untouched (a pure function).
-    return _BatchNorm.apply(input, weight, bias, eps)[0]
+    if _innermost() in (_VMAP, _GRAD):
+        return _BatchNorm.apply(input, weight, bias, eps)[0]
+    shape = (-1,) + (1,) * (input.dim() - 2)  # e.g. under jvp: the exact decomposition
+    y = _normalize(input, (0, *range(2, input.dim())), eps)
+    y = y if weight is None else y * weight.reshape(shape)
+    return y if bias is None else y + bias.reshape(shape)
 
 
 def _normalize(x, dims, eps):

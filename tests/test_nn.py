@@ -267,11 +267,13 @@ def test_view_of_a_channels_last_activation_falls_back_to_reshape():
     assert loss.item() == pytest.approx(want.item(), rel=1e-12)
 
 
-@pytest.mark.parametrize("op", ["conv", "max_pool", "batch_norm"])
+@pytest.mark.parametrize("op", ["conv", "conv_in_vmap", "max_pool", "batch_norm"])
 def test_per_task_second_order_under_vmap_equals_loop(op):
     """vmap of grad of grad (e.g. per-task meta-gradients) needs the rules' own backward."""
     x, w = randn(T, 2, 2, 6, 6, seed=34), randn(2, 2, 3, 3, seed=35)
     f = {"conv": lambda x, w: F.conv2d(x, w, padding=1),
+         # an inner vmap over samples: the conv rule itself runs under the grads (its own backward)
+         "conv_in_vmap": lambda x, w: vmap(lambda xi: F.conv2d(xi[None], w, padding=1, stride=2)[0])(x),
          "max_pool": lambda x, w: F.max_pool2d(F.conv2d(x, w, padding=1), 2),
          "batch_norm": lambda x, w: F.batch_norm(F.conv2d(x, w), None, None, w[:, 0, 0, 0], None, training=True)}[op]
 
@@ -307,3 +309,21 @@ def test_channels_last_can_be_turned_off_for_a_meta_loss_call():
     with mnn.batching_rules(channels_last=False):
         contiguous = maml.meta_loss(loss_fn, mnn.params(net), (xs, ys), (xs, ys), steps=2, lr=0.1)
     assert contiguous.item() == pytest.approx(default.item(), rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func.jvp's
+def test_forward_mode_inside_vmap_uses_exact_fallbacks():
+    x, tangent = randn(T, 4, 3, 6, 6, seed=39), randn(T, 4, 3, 6, 6, seed=40)
+    w = 1 + randn(3, seed=41)
+
+    def f(x):
+        return F.max_pool2d(F.batch_norm(x, None, None, w, None, training=True), 2)
+
+    def jvp(x, t):
+        return torch.func.jvp(f, (x,), (t,))
+
+    with mnn.batching_rules():
+        out, tan = vmap(jvp)(x, tangent)
+    for t in range(T):
+        ref_out, ref_tan = jvp(x[t], tangent[t])
+        assert torch.allclose(out[t], ref_out, atol=1e-12) and torch.allclose(tan[t], ref_tan, atol=1e-12)
