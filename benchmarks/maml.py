@@ -15,6 +15,8 @@ Anchors:
     vmap (naive)    torch.func.vmap over tasks of the same function, stock batching rules
     metabatch       maml.meta_loss (eager; BatchNorm meta-gradients exact, unlike naive vmap)
     metabatch chunk=2   the same with vmap's chunk_size=2 (W2)
+    metabatch remat chunk=2   meta_loss(remat=True, chunk_size=2): no graph kept, two tasks
+                    recomputed at a time in the backward pass (W2: the memory-lean setting)
     metabatch compiled  torch.compile of the whole step (W1)
     jax             jit(grad(mean(vmap(task)))) + optax.adam (W1)
 
@@ -62,7 +64,8 @@ WORKLOADS = {
 }
 ANCHORS = {
     "W1": ["higher", "learn2learn", "torch.func loop", "vmap (naive)", "metabatch", "metabatch compiled", "jax"],
-    "W2": ["higher", "learn2learn", "torch.func loop", "vmap (naive)", "metabatch", "metabatch chunk=2"],
+    "W2": ["higher", "learn2learn", "torch.func loop", "vmap (naive)", "metabatch", "metabatch chunk=2",
+           "metabatch remat chunk=2"],
 }
 
 
@@ -172,10 +175,12 @@ def make_step(workload, anchor, steps, l2l_src):
             opt.step()
     elif anchor.startswith("metabatch") and anchor != "metabatch compiled":
         loss_fn = mnn.objective(model, criterion)
-        chunk = 2 if anchor == "metabatch chunk=2" else None
+        chunk = 2 if anchor.endswith("chunk=2") else None
+        remat = "remat" in anchor
 
         def step():
-            loss = maml.meta_loss(loss_fn, params, support, query, steps=steps, lr=lr, chunk_size=chunk)
+            loss = maml.meta_loss(loss_fn, params, support, query, steps=steps, lr=lr, chunk_size=chunk,
+                                  remat=remat)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -234,7 +234,8 @@ def _map_tasks(fn, fn_name, params, batches, *, lr, mask, chunk_size, randomness
 
 def meta_loss(loss_fn: LossFn, params, support, query, *, steps: int = 1, lr=0.01,
               first_order: bool = False, mask=None, chunk_size: int | None = None,
-              randomness: str = "different", key=None, batch_rules: bool = True) -> torch.Tensor:
+              randomness: str = "different", key=None, batch_rules: bool = True,
+              remat: bool = False) -> torch.Tensor:
     """The MAML meta-objective of a batch of tasks: mean query loss after adapting on the support.
 
     For each task ``t`` (the leading dimension of every leaf of ``support`` and
@@ -266,6 +267,12 @@ def meta_loss(loss_fn: LossFn, params, support, query, *, steps: int = 1, lr=0.0
             draws from torch's global generator as any module would.
         batch_rules: use :func:`metabatch.nn.batching_rules` (exact batch-norm
             meta-gradients, faster convolutions). ``False`` uses PyTorch's own rules.
+        remat: keep no graph in the forward pass; recompute ``chunk_size`` tasks at a
+            time (default 1) during the backward pass instead. Peak memory is then
+            that of one chunk, for a second forward pass. Gradients reach ``params`` and
+            tensor ``lr`` leaves through ordinary autograd (``loss.backward()``,
+            ``torch.autograd.grad``), not through ``torch.func`` transforms or a second
+            backward. Random ops replay the same draws in the recomputation.
 
     Returns:
         A scalar tensor.
@@ -301,9 +308,70 @@ def meta_loss(loss_fn: LossFn, params, support, query, *, steps: int = 1, lr=0.0
                              f"{type(loss).__name__}{tuple(getattr(loss, 'shape', ()))}.")
         return loss
 
-    _, losses = _map_tasks(task, "meta_loss", params, (support, query), lr=lr, mask=mask,
-                           chunk_size=chunk_size, randomness=randomness, key=key, batch_rules=batch_rules)
+    options = {"lr": lr, "mask": mask, "randomness": randomness, "key": key, "batch_rules": batch_rules}
+    if remat:
+        return _remat_mean(task, params, (support, query), chunk_size, options)
+    _, losses = _map_tasks(task, "meta_loss", params, (support, query), chunk_size=chunk_size, **options)
     return losses.mean()
+
+
+def _remat_mean(task, params, batches, chunk_size, options):
+    """mean_t task(...) with no graph kept: chunks of tasks are recomputed in the backward pass."""
+    if chunk_size is not None:
+        _check_int(chunk_size, "chunk_size", "meta_loss", low=1)
+    leaves, spec = _flatten_params(params, "meta_loss")
+    lr_leaves, lr_spec = optree.tree_flatten(options["lr"])
+    slots = [i for i, v in enumerate(lr_leaves) if isinstance(v, torch.Tensor)]
+    inputs = leaves + [lr_leaves[i] for i in slots]
+    if any(torch._C._functorch.maybe_get_level(x) != -1 for x in inputs):
+        raise ValueError("meta_loss(remat=True) works with ordinary autograd (loss.backward()), not inside "
+                         "torch.func transforms; use remat=False there.")
+    n_tasks = _num_tasks("meta_loss", support=batches[0], query=batches[1])
+    size = chunk_size or 1
+
+    def chunk_loss(tensors, lo):
+        rates = list(lr_leaves)
+        for i, v in zip(slots, tensors[len(leaves):]):
+            rates[i] = v
+        part = optree.tree_map(lambda x: x[lo:lo + size], batches)
+        key = options["key"] if options["key"] is None else _random.fold_in(options["key"], lo)
+        _, losses = _map_tasks(task, "meta_loss", optree.tree_unflatten(spec, list(tensors[:len(leaves)])),
+                               part, chunk_size=None,
+                               **dict(options, lr=optree.tree_unflatten(lr_spec, rates), key=key))
+        return losses.sum()
+
+    return _Remat.apply(chunk_loss, range(0, n_tasks, size), n_tasks, *inputs)
+
+
+class _Remat(torch.autograd.Function):
+    """Sum of chunk losses / n, recomputing each chunk in backward (with the forward's RNG state)."""
+
+    @staticmethod
+    def forward(ctx, chunk_loss, starts, n, *inputs):
+        ctx.chunk_loss, ctx.starts, ctx.n = chunk_loss, starts, n
+        ctx.devices = sorted({x.device.index or 0 for x in inputs if x.is_cuda})
+        ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices])
+        ctx.save_for_backward(*inputs)
+        with torch.no_grad():
+            return sum(chunk_loss(inputs, lo) for lo in starts) / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = [x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
+        wanted = [x for x in inputs if x.requires_grad]
+        total = [torch.zeros_like(x) for x in wanted]
+        with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
+            torch.set_rng_state(ctx.rng[0])
+            for d, state in zip(ctx.devices, ctx.rng[1]):
+                torch.cuda.set_rng_state(state, d)
+            for lo in ctx.starts:
+                grads = torch.autograd.grad(ctx.chunk_loss(inputs, lo), wanted, allow_unused=True)
+                for acc, g in zip(total, grads):
+                    if g is not None:
+                        acc.add_(g)
+        it = iter(total)
+        out = [next(it) * (grad / ctx.n) if x.requires_grad else None for x in inputs]
+        return (None, None, None, *out)
 
 
 def reptile_grad(loss_fn: LossFn, params, support, *, steps: int = 5, lr=0.01, mask=None,

@@ -467,3 +467,43 @@ def test_errors_name_the_bad_value_and_the_fix():
     with pytest.raises(ValueError, match="scalar tensor for one task"):
         maml.meta_loss(lambda p, d: mnn.functional(net)(p, d[0]).sum(-1) if d[0].shape[0] == 5
                        else loss_fn(p, d), params, support, query)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_remat_gives_the_same_meta_gradient(chunk_size):
+    net = conv4(seed=26)
+    loss_fn = mnn.objective(net, F.cross_entropy)
+    support, query = classification_batch((1, 16, 16), seed=27)
+    params = mnn.params(net)
+    lr = make_lr(params, "meta-sgd")
+    kw = {"steps": 2, "lr": lr, "chunk_size": chunk_size}
+    want_loss = maml.meta_loss(loss_fn, params, support, query, **kw)
+    want = torch.autograd.grad(want_loss, leaves_of(params, lr))
+    got_loss = maml.meta_loss(loss_fn, params, support, query, remat=True, **kw)
+    assert got_loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
+    assert got_loss.requires_grad
+    assert_close_grads(torch.autograd.grad(got_loss, leaves_of(params, lr)), want)
+    with pytest.raises(ValueError, match=r"remat=True\) works with ordinary autograd"):
+        torch.func.grad(lambda p: maml.meta_loss(loss_fn, p, support, query, remat=True))(
+            {k: p.detach() for k, p in params.items()})
+
+
+def test_remat_replays_the_random_draws():
+    net = dropout_net()
+    loss_fn = mnn.objective(net, F.cross_entropy)
+    support, query = classification_batch((2,), seed=28)
+    params = mnn.params(net)
+    state = torch.random.get_rng_state()
+    want_loss = maml.meta_loss(loss_fn, params, support, query, steps=2, lr=0.4, chunk_size=1)
+    want = torch.autograd.grad(want_loss, list(params.values()))
+    torch.random.set_rng_state(state)
+    got_loss = maml.meta_loss(loss_fn, params, support, query, steps=2, lr=0.4, remat=True)
+    after_forward = torch.random.get_rng_state()
+    got = torch.autograd.grad(got_loss, list(params.values()))
+    assert torch.equal(torch.random.get_rng_state(), after_forward)  # backward's replay is forked
+    assert got_loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
+    assert_close_grads(got, want)
+    keyed = [maml.meta_loss(loss_fn, params, support, query, remat=True, key=mb.random.key(4)) for _ in range(2)]
+    assert keyed[0].item() == keyed[1].item()
+    assert_close_grads(torch.autograd.grad(keyed[0], list(params.values())),
+                       torch.autograd.grad(keyed[1], list(params.values())))
