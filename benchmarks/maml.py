@@ -103,8 +103,9 @@ def build(workload):
 def load_learn2learn(src):
     try:
         return importlib.import_module("learn2learn.algorithms.maml")
-    except Exception:  # noqa: BLE001 - torchvision missing: load the module files directly
-        pass
+    except ImportError:  # torchvision missing: load the module files directly
+        for name in [n for n in sys.modules if n.startswith("learn2learn")]:
+            del sys.modules[name]
     if not src:
         raise RuntimeError("learn2learn needs --l2l-src PATH (an unpacked learn2learn sdist)")
     for name in ["learn2learn", "learn2learn.algorithms"]:
@@ -293,8 +294,10 @@ def rss_mb():
 def machine():
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), cpu)
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads":
             torch.get_num_threads(), "python": platform.python_version(), "glibc": platform.libc_ver()[1],
             "load_average_start": os.getloadavg()}
@@ -312,7 +315,7 @@ def run_one(spec, env_extra, timeout):
         env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     try:
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                             text=True, env=env, timeout=timeout)
+                             text=True, env=env, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -331,10 +334,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--no-thp", action="store_true", help="skip W2's THP_MEM_ALLOC_ENABLE=1 pass")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--replot", action="store_true", help="redraw maml.png from maml.json only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
+    if args.replot:
+        saved = json.loads((pathlib.Path(args.out) / "maml.json").read_text())
+        return plot(saved["results"], pathlib.Path(args.out) / "maml.png", saved["machine"])
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -371,14 +378,14 @@ def main():
 
 NOTES = [
     "ms: median wall time of one meta-step (inner loop + outer backward + Adam); ms_p25/ms_p75: quartiles.",
-    "Each (workload, steps, anchor, env) ran in its own process; peak_rss_mb is that process's high-water mark "
-    "(base_rss_mb: after imports, before building the workload).",
-    "learn2learn 0.2.0: 'import learn2learn' needs torchvision (no CPU wheel for torch 2.13) and its sdist does "
-    "not build on Python 3.11; its algorithms/maml.py was loaded directly from the unpacked sources.",
-    "vmap (naive) uses PyTorch's own batching rules: its W2 meta-gradient is wrong (BatchNorm, "
-    "pytorch/functorch#534); metabatch's is exact.",
-    "metabatch compiled: torch.compile of torch.func.grad(meta_loss) + Adam's step, compile_s from an empty "
-    "inductor cache (first call).",
+    ("Each (workload, steps, anchor, env) ran in its own process; peak_rss_mb is that process's high-water mark "
+    "(base_rss_mb: after imports, before building the workload)."),
+    ("learn2learn 0.2.0: 'import learn2learn' needs torchvision (no CPU wheel for torch 2.13) and its sdist does "
+    "not build on Python 3.11; its algorithms/maml.py was loaded directly from the unpacked sources."),
+    ("vmap (naive) uses PyTorch's own batching rules: its W2 meta-gradient is wrong (BatchNorm, "
+    "pytorch/functorch#534); metabatch's is exact."),
+    ("metabatch compiled: torch.compile of torch.func.grad(meta_loss) + Adam's step, compile_s from an empty "
+    "inductor cache (first call)."),
     "jax: jit(grad(mean(vmap(task)))) + optax.adam, float32 on CPU; compile_s is the first call.",
 ]
 
@@ -420,21 +427,28 @@ def plot(rows, path, info):
         return
     panels = sorted({(r["workload"], r["env"], r["steps"]) for r in rows},
                     key=lambda p: (p[0], p[1] != "default", p[2]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.2), squeeze=False)
-    for ax, (workload, env, steps) in zip(axes[0], panels):
+    cols = 2
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.2 * cols, 2.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (workload, env, steps) in zip(axes.flat, panels):
         sel = [r for r in rows if (r["workload"], r["env"], r["steps"]) == (workload, env, steps) and "ms" in r]
-        names = [r["anchor"] for r in sel]
-        colors = ["tab:orange" if n.startswith("metabatch") else "tab:gray" if n != "jax" else "tab:green"
-                  for n in names]
+        ref = next((r["ms"] for r in sel if r["anchor"] == "higher"), None)
+        colors = ["tab:orange" if r["anchor"].startswith("metabatch") else
+                  "tab:green" if r["anchor"] == "jax" else "tab:gray" for r in sel]
         ax.barh(range(len(sel)), [r["ms"] for r in sel], color=colors)
-        ax.set_yticks(range(len(sel)), names, fontsize=8)
+        ax.set_yticks(range(len(sel)), [r["anchor"] for r in sel], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlabel("ms per meta-step (log)")
-        ax.set_title(f"{workload} {steps}-step" + ("" if env == "default" else f"\n{env}"), fontsize=9)
+        ax.set_xlim(0, 1.25 * max(r["ms"] for r in sel))
+        ax.tick_params(axis="x", labelsize=7)
+        title = f"{workload} {steps}-step" + ("" if env == "default" else f", {env}")
+        ax.set_title(title + " — ms per meta-step (speed-up vs higher)", fontsize=8)
         for i, r in enumerate(sel):
-            ax.text(r["ms"], i, f" {r['ms']:.3g}", va="center", fontsize=7)
-    fig.suptitle(f"MAML meta-step, {info['cpu']} ({info['cores']} cores), torch {info['torch']}", fontsize=9)
+            note = f" {r['ms']:.3g}" + (f" ({ref / r['ms']:.2f}x)" if ref else "")
+            ax.text(r["ms"], i, note, va="center", fontsize=7)
+    fig.suptitle(f"MAML meta-step (inner loop + outer backward + Adam), {info['cpu']} ({info['cores']} cores), "
+                 f"torch {info['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
