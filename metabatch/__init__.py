@@ -11,7 +11,7 @@ Examples:
     (3, 4)
 """
 
-from . import random, tasks
+from . import maml, nn, random, tasks
 from .compat import TaskLoader, TaskSet
 from .loader import TaskDataLoader, build_batch, stack, task_loader
 from .sampler import BatchSpec, BatchSpecs, batch_specs
@@ -21,6 +21,8 @@ __version__ = "0.10.0.dev0"
 __all__ = [
     "random",
     "tasks",
+    "maml",
+    "nn",
     "BatchSpec",
     "BatchSpecs",
     "batch_specs",
