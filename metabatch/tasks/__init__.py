@@ -5,6 +5,8 @@
 - :func:`classification`: N-way K-shot classification over any class array.
 - :mod:`metabatch.tasks.omniglot`: Omniglot from its official zips or folders,
   and Lake et al.'s one-shot classification runs.
+- :mod:`metabatch.tasks.miniimagenet`: mini-ImageNet in Ravi & Larochelle's
+  split (``images/`` plus ``train.csv``, ``val.csv``, ``test.csv``).
 
 Every family takes all its randomness from the task key, so a batch depends
 only on ``(seed, step)``, never on the number of loader workers.
@@ -17,8 +19,8 @@ Examples:
     (25, 10, 1)
 """
 
-from . import omniglot
+from . import miniimagenet, omniglot
 from .classification import Classification, classification
 from .regression import GP, gp, sinusoid
 
-__all__ = ["GP", "Classification", "classification", "gp", "omniglot", "sinusoid"]
+__all__ = ["GP", "Classification", "classification", "gp", "miniimagenet", "omniglot", "sinusoid"]
