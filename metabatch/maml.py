@@ -48,7 +48,10 @@ from . import random as _random
 
 __all__ = ["Evaluation", "adapt", "evaluate", "mean_ci", "meta_loss", "reptile_grad"]
 
-LossFn = Callable[[Any, Any], torch.Tensor]
+PyTree = Any  # nested tuples / lists / dicts / NamedTuples of tensors (optree)
+LossFn = Callable[[PyTree, PyTree], torch.Tensor]
+Rate = "float | torch.Tensor | PyTree"
+Mask = "Callable[[str], bool] | PyTree | None"
 _RANDOMNESS = ("different", "same", "error")
 
 
@@ -171,8 +174,8 @@ def _adapt_leaves(loss_fn, spec, leaves, rates, keep, data, steps, first_order):
     return leaves
 
 
-def adapt(loss_fn: LossFn, params, support, *, steps: int = 1, lr=0.01, first_order: bool = False,
-          mask=None):
+def adapt(loss_fn: LossFn, params: PyTree, support: PyTree, *, steps: int = 1, lr: Rate = 0.01,
+          first_order: bool = False, mask: Mask = None) -> PyTree:
     """Adapt ``params`` to one task: ``steps`` gradient steps on its support set.
 
     ``φ ← φ − lr · ∇φ loss_fn(φ, support)``, starting from ``φ = params``, with
@@ -232,9 +235,9 @@ def _map_tasks(fn, fn_name, params, batches, *, lr, mask, chunk_size, randomness
                                      chunk_size=chunk_size)(leaves, rates, *batches)
 
 
-def meta_loss(loss_fn: LossFn, params, support, query, *, steps: int = 1, lr=0.01,
-              first_order: bool = False, mask=None, chunk_size: int | None = None,
-              randomness: str = "different", key=None, batch_rules: bool = True,
+def meta_loss(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *, steps: int = 1,
+              lr: Rate = 0.01, first_order: bool = False, mask: Mask = None, chunk_size: int | None = None,
+              randomness: str = "different", key: _random.Key | None = None, batch_rules: bool = True,
               remat: bool = False) -> torch.Tensor:
     """The MAML meta-objective of a batch of tasks: mean query loss after adapting on the support.
 
@@ -374,9 +377,9 @@ class _Remat(torch.autograd.Function):
         return (None, None, None, *out)
 
 
-def reptile_grad(loss_fn: LossFn, params, support, *, steps: int = 5, lr=0.01, mask=None,
-                 chunk_size: int | None = None, randomness: str = "different", key=None,
-                 batch_rules: bool = True):
+def reptile_grad(loss_fn: LossFn, params: PyTree, support: PyTree, *, steps: int = 5, lr: Rate = 0.01,
+                 mask: Mask = None, chunk_size: int | None = None, randomness: str = "different",
+                 key: _random.Key | None = None, batch_rules: bool = True) -> PyTree:
     """The Reptile meta-gradient ``θ − mean_t φ_t`` of a batch of tasks.
 
     ``φ_t`` is ``params`` after ``steps`` first-order SGD steps on task ``t``'s
@@ -388,7 +391,13 @@ def reptile_grad(loss_fn: LossFn, params, support, *, steps: int = 5, lr=0.01, m
         loss_fn: ``loss_fn(params, data) -> scalar tensor`` for one task.
         params: a pytree of tensors; not modified.
         support: a pytree of tensors with a leading task dimension.
-        steps, lr, mask, chunk_size, randomness, key, batch_rules: as in :func:`meta_loss`.
+        steps: inner first-order SGD steps per task.
+        lr: inner learning rate (float, 0-d tensor or pytree, as in :func:`meta_loss`).
+        mask: which parameters to adapt; see :func:`adapt`.
+        chunk_size: as in :func:`meta_loss`.
+        randomness: as in :func:`meta_loss`.
+        key: as in :func:`meta_loss`.
+        batch_rules: as in :func:`meta_loss`.
 
     Returns:
         A pytree like ``params`` of detached tensors.
@@ -467,9 +476,10 @@ def mean_ci(values: torch.Tensor, z: float = 1.96) -> tuple[float, float]:
     return float(values.mean()), half
 
 
-def evaluate(loss_fn: LossFn, params, support, query, *, steps: int = 10, lr=0.01,
-             metric_fn: LossFn | None = None, mask=None, chunk_size: int | None = None,
-             randomness: str = "different", key=None, batch_rules: bool = True) -> Evaluation:
+def evaluate(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *, steps: int = 10,
+             lr: Rate = 0.01, metric_fn: LossFn | None = None, mask: Mask = None,
+             chunk_size: int | None = None, randomness: str = "different", key: _random.Key | None = None,
+             batch_rules: bool = True) -> Evaluation:
     """Meta-test: adapt each task (often with more steps than in training) and score its query set.
 
     No graph is kept for the outer parameters (first-order inner steps under
@@ -479,12 +489,17 @@ def evaluate(loss_fn: LossFn, params, support, query, *, steps: int = 10, lr=0.0
     Args:
         loss_fn: ``loss_fn(params, data) -> scalar tensor`` for one task.
         params: a pytree of tensors; not modified.
-        support, query: pytrees of tensors with a leading task dimension.
+        support: a pytree of tensors with a leading task dimension.
+        query: a pytree of tensors with the same leading task dimension.
         steps: inner gradient steps per task.
         lr: inner learning rate (float, 0-d tensor or pytree, as in :func:`meta_loss`).
         metric_fn: optional ``metric_fn(params, data) -> scalar``, e.g.
             ``metabatch.nn.objective(model, metabatch.nn.accuracy)``.
-        mask, chunk_size, randomness, key, batch_rules: as in :func:`meta_loss`.
+        mask: which parameters to adapt; see :func:`adapt`.
+        chunk_size: as in :func:`meta_loss`.
+        randomness: as in :func:`meta_loss`.
+        key: as in :func:`meta_loss`.
+        batch_rules: as in :func:`meta_loss`.
 
     Returns:
         An :class:`Evaluation`.
