@@ -88,9 +88,9 @@ class MAML(L.LightningModule):
     """MAML with manual optimization; the task stream resumes with Lightning's checkpoints."""
 
     def __init__(self, task: str = "sinusoid", data: str | None = None, eval_data: str | None = None,
-                 ways: int = 5, shots: int | None = None, query: int | None = None, size: int = 28,
+                 ways: int = 5, shots: int | None = None, query: int | None = None, image_size: int = 28,
                  hidden: int = 64,
-                 meta_batch: int = 4, inner_steps: int = 1, eval_inner_steps: int = 10,
+                 meta_batch: int = 4, inner_steps: int = 1, test_steps: int = 10,
                  inner_lr: float = 0.01, meta_lr: float = 1e-3, first_order: bool = False,
                  eval_tasks: int = 100, num_workers: int = 0, seed: int = 0):
         super().__init__()
@@ -112,7 +112,7 @@ class MAML(L.LightningModule):
                 raise ValueError("--task omniglot needs --data: an Omniglot zip or folder, e.g. "
                                  "images_background_small1.zip.")
             self.net = convnet(ways, 1, hidden)
-            self.net(torch.zeros(1, 1, size, size))  # materialise the lazy head, then initialise
+            self.net(torch.zeros(1, 1, image_size, image_size))  # materialise the lazy head, then initialise
             _init(self.net, key)
             self.loss_fn = mb.nn.objective(self.net, F.cross_entropy)
             self.metric_fn = mb.nn.objective(self.net, mb.nn.accuracy)
@@ -128,9 +128,9 @@ class MAML(L.LightningModule):
             return mb.tasks.sinusoid
         if self._tasks is None:
             from metabatch.tasks import omniglot
-            train = omniglot.load(hp.data, size=hp.size).images
+            train = omniglot.load(hp.data, size=hp.image_size).images
             if hp.eval_data:
-                held_out = omniglot.load(hp.eval_data, size=hp.size).images
+                held_out = omniglot.load(hp.eval_data, size=hp.image_size).images
             else:  # no second file: hold out the last fifth of the classes
                 cut = len(train) - max(hp.ways, len(train) // 5)
                 train, held_out = train[:cut], train[cut:]
@@ -190,7 +190,7 @@ class MAML(L.LightningModule):
         hp = self.hparams
         with torch.enable_grad():  # Lightning evaluates under no_grad; the inner loop needs gradients
             ev = maml.evaluate(self.loss_fn, mb.nn.params(self.net), batch["context"], batch["target"],
-                               steps=hp.eval_inner_steps, lr=hp.inner_lr, metric_fn=self.metric_fn)
+                               steps=hp.test_steps, lr=hp.inner_lr, metric_fn=self.metric_fn)
         self.log(f"{prefix}_loss", ev.loss, prog_bar=True, batch_size=hp.meta_batch)
         if ev.metric is not None:
             self.log(f"{prefix}_acc", ev.metric, prog_bar=True, batch_size=hp.meta_batch)
@@ -235,11 +235,11 @@ def parse_args(argv=None):
                    "or support points (sinusoid, default 10)")
     p.add_argument("--query", "--k_qry", type=int, help="query examples per class (omniglot, default 15) "
                    "or query points in training (sinusoid, default 10)")
-    p.add_argument("--size", "--imgsz", type=int, default=28, help="omniglot: image side (default 28)")
+    p.add_argument("--image-size", "--imgsz", type=int, default=28, help="omniglot: image side (default 28)")
     p.add_argument("--hidden", type=int, default=64, help="omniglot: conv channels (default 64)")
     p.add_argument("--meta-batch", "--task_num", type=int, default=4, help="tasks per meta-step")
     p.add_argument("--inner-steps", "--update_step", type=int, default=1, help="inner steps in training")
-    p.add_argument("--eval-inner-steps", "--update_step_test", type=int, default=10,
+    p.add_argument("--test-steps", "--update_step_test", type=int, default=10,
                    help="inner steps in validation and test")
     p.add_argument("--inner-lr", "--update_lr", type=float, default=0.01)
     p.add_argument("--meta-lr", "--meta_lr", type=float, default=1e-3)
@@ -258,9 +258,9 @@ def parse_args(argv=None):
 def build(args) -> tuple:
     """The module and its Trainer (``inference_mode=False``: evaluation adapts with gradients)."""
     module = MAML(task=args.task, data=args.data, eval_data=args.eval_data, ways=args.ways,
-                  shots=args.shots, query=args.query, size=args.size, hidden=args.hidden,
+                  shots=args.shots, query=args.query, image_size=args.image_size, hidden=args.hidden,
                   meta_batch=args.meta_batch, inner_steps=args.inner_steps,
-                  eval_inner_steps=args.eval_inner_steps, inner_lr=args.inner_lr, meta_lr=args.meta_lr,
+                  test_steps=args.test_steps, inner_lr=args.inner_lr, meta_lr=args.meta_lr,
                   first_order=args.first_order, eval_tasks=args.eval_tasks, num_workers=args.num_workers,
                   seed=args.seed)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
@@ -294,7 +294,7 @@ def main(argv=None):
     result = trainer.test(module, verbose=not args.no_progress)[0]
     print(f"trained steps {module.start}..{trainer.global_step - 1}; test loss {result['test_loss']:.4f}"
           + (f", accuracy {result['test_acc']:.3f}" if "test_acc" in result else "")
-          + f" ({args.eval_tasks} tasks, {args.eval_inner_steps} inner steps); checkpoints in "
+          + f" ({args.eval_tasks} tasks, {args.test_steps} inner steps); checkpoints in "
           f"{args.out / 'checkpoints'}")
     return module, trainer, result
 

@@ -17,7 +17,7 @@ EXAMPLE = runpy.run_path(str(ROOT / "examples" / "lightning_maml.py"), run_name=
 # Lightning 2.6 on torch 2.13 warns about a deprecated torch pytree API inside Lightning itself.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated")
 
-TINY = ["--steps", 6, "--meta-batch", 3, "--eval-tasks", 6, "--eval-inner-steps", 2, "--val-every", 3,
+TINY = ["--steps", 6, "--meta-batch", 3, "--eval-tasks", 6, "--test-steps", 2, "--val-every", 3,
         "--checkpoint-every", 3, "--no-progress"]
 
 
@@ -73,15 +73,18 @@ def test_maml_pytorch_flag_names_are_aliases():
     args = EXAMPLE["parse_args"](["--n_way", "3", "--k_spt", "2", "--k_qry", "4", "--imgsz", "14",
                                   "--task_num", "8", "--meta_lr", "0.5", "--update_lr", "0.25",
                                   "--update_step", "2", "--update_step_test", "7"])
-    assert (args.ways, args.shots, args.query, args.size, args.meta_batch) == (3, 2, 4, 14, 8)
-    assert (args.meta_lr, args.inner_lr, args.inner_steps, args.eval_inner_steps) == (0.5, 0.25, 2, 7)
+    assert (args.ways, args.shots, args.query, args.image_size, args.meta_batch) == (3, 2, 4, 14, 8)
+    assert (args.meta_lr, args.inner_lr, args.inner_steps, args.test_steps) == (0.5, 0.25, 2, 7)
 
 
 def test_omniglot_tiny_fit(omniglot_dir, tmp_path):
     module, trainer, result = run(
         "--task", "omniglot", "--data", omniglot_dir / "images_background_small1.zip", "--hidden", 8,
-        "--steps", 2, "--meta-batch", 2, "--eval-tasks", 2, "--eval-inner-steps", 1, "--val-every", 2,
+        "--steps", 2, "--meta-batch", 2, "--eval-tasks", 2, "--test-steps", 1, "--val-every", 2,
         "--checkpoint-every", 2, "--no-progress", "--out", tmp_path)
     assert trainer.global_step == 2 and 0.0 <= result["test_acc"] <= 1.0
+    # small1 has 136 characters and no --eval-data: the last fifth is held out for validation and test
+    assert module._tasks["train"].classes.shape == (109, 20, 28, 28)
+    assert module._tasks["eval"].classes.shape == (27, 20, 28, 28)
     with pytest.raises(ValueError, match="needs --data"):
         EXAMPLE["MAML"](task="omniglot")
