@@ -48,10 +48,10 @@ from .omniglot import _check_resample, _writable
 
 __all__ = ["MEAN", "STD", "MiniImagenet", "Sampler", "load", "sampler"]
 
-#: The per-channel (R, G, B) mean of ImageNet in ``[0, 1]``, as MAML-Pytorch normalises.
 MEAN = (0.485, 0.456, 0.406)
-#: The per-channel (R, G, B) standard deviation of ImageNet in ``[0, 1]``.
+"""ImageNet's per-channel (R, G, B) mean in ``[0, 1]``: what :func:`sampler` subtracts, as MAML-Pytorch does."""
 STD = (0.229, 0.224, 0.225)
+"""ImageNet's per-channel (R, G, B) standard deviation in ``[0, 1]``: what :func:`sampler` divides by."""
 
 _CACHE_FORMAT = 1
 
