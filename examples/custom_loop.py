@@ -1,0 +1,60 @@
+"""The shortest honest metabatch loop: your task function, your model, your optimizer, MAML in between.
+
+    python examples/custom_loop.py                                  # 300 meta-steps, seconds
+    python examples/custom_loop.py --steps 150 --save ckpt.pt       # stop at step 150...
+    python examples/custom_loop.py --steps 300 --resume ckpt.pt     # ...and go on: the same 300-step run
+"""
+import argparse
+
+import numpy as np
+import torch
+
+import metabatch as mb
+from metabatch import maml
+
+
+def sample_task(key, idx, n_ctx, n_tgt):
+    """A random line y = a x + b. Module-level (workers pickle it); every random number from `key`."""
+    rng = mb.random.numpy_rng(key)
+    a, b = rng.uniform(-1, 1, size=2)
+    x = rng.uniform(-1, 1, size=(n_ctx + n_tgt, 1)).astype(np.float32)
+    y = (a * x + b).astype(np.float32)
+    return {"context": (x[:n_ctx], y[:n_ctx]), "target": (x[n_ctx:], y[n_ctx:])}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="meta-steps, counted from 0 (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the tasks and the model (default 0)")
+    p.add_argument("--num-workers", type=int, default=2, help="task-loader workers (default 2)")
+    p.add_argument("--save", help="write a checkpoint here at the end")
+    p.add_argument("--resume", help="continue from this checkpoint")
+    args = p.parse_args(argv)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    g = mb.random.torch_generator(mb.random.fold_in(mb.random.key(args.seed), 1))
+    with torch.no_grad():  # torch's default init, U(±1/√fan_in), but drawn from an explicit key
+        for w, fan_in in [(model[0].weight, 1), (model[0].bias, 1), (model[2].weight, 32), (model[2].bias, 32)]:
+            w.uniform_(-fan_in ** -0.5, fan_in ** -0.5, generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = mb.nn.objective(model, torch.nn.functional.mse_loss)   # loss_fn(params, (x, y)) of one task
+    specs = mb.batch_specs(args.seed, num_tasks=10**6, batch_size=16, n_ctx=(2, 10), n_tgt=10,
+                           num_batches=args.steps)
+    ckpt = torch.load(args.resume) if args.resume else {"step": 0}
+    if args.resume:
+        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"])
+    start, losses = ckpt["step"], []
+    loader = mb.task_loader(sample_task, specs.replace(start=start), num_workers=args.num_workers)
+    for step, batch in enumerate(loader, start):  # specs.replace(start=k): the exact stream from step k on
+        loss = maml.meta_loss(loss_fn, mb.nn.params(model), batch["context"], batch["target"], lr=0.3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    if args.save:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": start + len(losses)}, args.save)
+    print(f"final: meta-loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f} (first/last 20 steps)")
+    return losses
+
+
+if __name__ == "__main__":
+    main()
