@@ -31,35 +31,27 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import pathlib
+import sys
 import time
 
 import optree
 import torch
 import torch.distributed as dist
-from torch.func import functional_call
 
 import metabatch as mb
 from metabatch import maml
 
-# What fixes the task stream and the model: a checkpoint may only be resumed with the same values.
-STREAM_ARGS = ("seed", "meta_batch", "shots", "query", "inner_steps", "inner_lr", "first_order", "dtype")
+# The model and the loss are those of examples/maml_sinusoid.py, imported from it.
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from maml_sinusoid import make_model, mse_loss
 
-
-def make_model(key) -> torch.nn.Module:
-    """MLP 1-40-40-1, initialised from ``key`` (torch's default init, with an explicit generator)."""
-    model = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40),
-                                torch.nn.ReLU(), torch.nn.Linear(40, 1))
-    g = mb.random.torch_generator(key)
-    with torch.no_grad():
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                bound = 1 / math.sqrt(layer.in_features)
-                layer.weight.uniform_(-bound, bound, generator=g)
-                layer.bias.uniform_(-bound, bound, generator=g)
-    return model
+# What fixes the task stream and the updates: a checkpoint may only be resumed with the same values
+# (the optimizer state in a checkpoint carries its learning rate, so a new --meta-lr would be ignored).
+STREAM_ARGS = ("seed", "meta_batch", "shots", "query", "inner_steps", "inner_lr", "meta_lr", "first_order",
+               "dtype")
 
 
 def parse_args(argv=None):
@@ -106,21 +98,19 @@ def setup(device: str) -> tuple[torch.device, bool]:
     return dev, True
 
 
-def mse_loss(model, params, data):
-    x, y = data
-    return torch.nn.functional.mse_loss(functional_call(model, params, (x,)), y)
-
-
 def load_checkpoint(path: pathlib.Path, args, rank: int, world_size: int) -> dict:
     """Rank 0 reads the checkpoint and sends it to the others (no shared file system needed)."""
     box = [None]
     if rank == 0:
         box[0] = torch.load(path, map_location="cpu", weights_only=True)
         saved = box[0]["args"]
-        changed = {k: (saved[k], getattr(args, k)) for k in STREAM_ARGS if saved[k] != getattr(args, k)}
+        changed = {k: (saved.get(k), getattr(args, k)) for k in STREAM_ARGS if saved.get(k) != getattr(args, k)}
         if changed:
             box[0] = ValueError(f"--resume {path}: these settings differ from the checkpoint's "
                                 f"(saved, now): {changed}; resume with the same ones to continue its stream.")
+        elif box[0]["step"] > args.steps:
+            box[0] = ValueError(f"--resume {path} is at step {box[0]['step']}, past --steps {args.steps}; "
+                                f"pass --steps {box[0]['step']} or more.")
     if world_size > 1:
         dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], Exception):

@@ -212,5 +212,10 @@ def test_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path):
     one = run_example("maml_ddp.py", *ARGS, "--num-workers", 0, "--out", tmp_path, "--resume", ckpt)
     assert one["start"] == 3
     assert one["train_loss"] == pytest.approx(load(full, "metrics")["train_loss"], rel=1e-9, abs=0)
-    with pytest.raises(ValueError, match="meta_batch"):
+    with pytest.raises(ValueError, match=r"\{'meta_batch': \(8, 4\)\}"):
         run_example("maml_ddp.py", *ARGS, "--meta-batch", 4, "--out", tmp_path / "x", "--resume", ckpt)
+    # the checkpoint's optimizer state carries its learning rate: another --meta-lr would be ignored
+    with pytest.raises(ValueError, match=r"\{'meta_lr': \(0.001, 0.01\)\}"):
+        run_example("maml_ddp.py", *ARGS, "--meta-lr", 0.01, "--out", tmp_path / "y", "--resume", ckpt)
+    with pytest.raises(ValueError, match=r"at step 3, past --steps 2; pass --steps 3 or more"):
+        run_example("maml_ddp.py", *ARGS, "--steps", 2, "--out", tmp_path / "z", "--resume", ckpt)
