@@ -9,8 +9,8 @@ What Lightning needs to know to run MAML, and where this file does it:
 
 - **Manual optimization** (``automatic_optimization = False``): the meta-step is one
   ``maml.meta_loss(...)`` over the whole task batch, then ``manual_backward`` and ``opt.step()``.
-  Lightning's automatic loop would work too, but manual optimization is what MAML code on Lightning
-  usually does (lightning-maml, learn2learn's examples) and it keeps the step explicit.
+  Lightning's automatic loop would work too (learn2learn's ``LightningMAML`` returns its loss to it);
+  manual optimization is what lightning-maml does, and it keeps the meta-step explicit.
 - **Gradients in validation and test.** Adapting to a task *is* gradient descent, and Lightning runs
   ``validation_step`` / ``test_step`` under ``torch.inference_mode()`` by default. metabatch's ``adapt``
   and ``evaluate`` take their inner gradients with ``torch.func.grad``, which works even there, but
@@ -73,7 +73,11 @@ def mlp() -> torch.nn.Module:
 
 
 def convnet(ways: int, channels: int = 1, hidden: int = 64) -> torch.nn.Module:
-    """Finn et al.'s 4-block conv net (3x3 conv, batch norm, ReLU, 2x2 max-pool), then a linear head."""
+    """4 blocks of (3x3 conv, batch norm, ReLU, 2x2 max-pool), then a linear head.
+
+    Finn et al.'s mini-ImageNet layout; their Omniglot net has stride-2 convolutions instead of pooling
+    (``examples/_fewshot.py``, ``conv4(pool="stride")``). Weights are drawn by ``_init``, not He-normal.
+    """
     blocks = []
     for i in range(4):
         blocks += [torch.nn.Conv2d(channels if i == 0 else hidden, hidden, 3, padding=1),
@@ -150,9 +154,13 @@ class MAML(L.LightningModule):
         return mb.batch_specs(self.hparams.seed, num_tasks=10**6, batch_size=self.hparams.meta_batch,
                               n_ctx=n_ctx, n_tgt=n_tgt, start=start)
 
+    def eval_batches(self) -> int:
+        """Validation / test meta-batches: ``--eval-tasks`` rounded down to whole batches (at least one)."""
+        return max(1, self.hparams.eval_tasks // self.hparams.meta_batch)
+
     def _eval_loader(self, seed: int):
         n_ctx, n_tgt = self._sizes("eval")
-        batches = max(1, self.hparams.eval_tasks // self.hparams.meta_batch)
+        batches = self.eval_batches()
         specs = mb.batch_specs(seed, num_tasks=batches * self.hparams.meta_batch,
                                batch_size=self.hparams.meta_batch, n_ctx=n_ctx, n_tgt=n_tgt,
                                num_batches=batches)
@@ -244,7 +252,8 @@ def parse_args(argv=None):
     p.add_argument("--inner-lr", "--update_lr", type=float, default=0.01)
     p.add_argument("--meta-lr", "--meta_lr", type=float, default=1e-3)
     p.add_argument("--first-order", action="store_true", help="first-order MAML")
-    p.add_argument("--eval-tasks", type=int, default=100, help="validation / test tasks")
+    p.add_argument("--eval-tasks", type=int, default=100,
+                   help="validation / test tasks, rounded down to whole meta-batches (default 100)")
     p.add_argument("--val-every", type=int, default=200, help="validate every N steps")
     p.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps")
     p.add_argument("--num-workers", type=int, default=0, help="task-loader worker processes")
@@ -294,7 +303,7 @@ def main(argv=None):
     result = trainer.test(module, verbose=not args.no_progress)[0]
     print(f"trained steps {module.start}..{trainer.global_step - 1}; test loss {result['test_loss']:.4f}"
           + (f", accuracy {result['test_acc']:.3f}" if "test_acc" in result else "")
-          + f" ({args.eval_tasks} tasks, {args.test_steps} inner steps); checkpoints in "
+          + f" ({module.eval_batches() * args.meta_batch} tasks, {args.test_steps} inner steps); checkpoints in "
           f"{args.out / 'checkpoints'}")
     return module, trainer, result
 

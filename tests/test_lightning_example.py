@@ -77,6 +77,14 @@ def test_maml_pytorch_flag_names_are_aliases():
     assert (args.meta_lr, args.inner_lr, args.inner_steps, args.test_steps) == (0.5, 0.25, 2, 7)
 
 
+def test_eval_tasks_round_down_to_whole_meta_batches(tmp_path, capsys):
+    assert EXAMPLE["MAML"](eval_tasks=10, meta_batch=4).eval_batches() == 2
+    assert EXAMPLE["MAML"](eval_tasks=3, meta_batch=4).eval_batches() == 1
+    run("--steps", 1, "--meta-batch", 4, "--eval-tasks", 10, "--test-steps", 1, "--val-every", 1,
+        "--checkpoint-every", 1, "--no-progress", "--out", tmp_path)
+    assert "(8 tasks, 1 inner steps)" in capsys.readouterr().out
+
+
 def test_omniglot_tiny_fit(omniglot_dir, tmp_path):
     module, trainer, result = run(
         "--task", "omniglot", "--data", omniglot_dir / "images_background_small1.zip", "--hidden", 8,
