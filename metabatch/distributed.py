@@ -121,13 +121,15 @@ def shard(group: Any = None) -> dict[str, int]:
 def _check_tensors(leaves: list, fn: str, what: str) -> None:
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"{fn}(): every leaf of {what} must be a tensor, got {type(leaf).__name__}.")
+            raise TypeError(f"{fn}(): every leaf of {what} must be a tensor, got {type(leaf).__name__} "
+                            f"{leaf!r:.80}; wrap numbers in torch.tensor(...) and leave other values out.")
         if leaf.layout != torch.strided:
             raise TypeError(f"{fn}(): {what} holds a {leaf.layout} tensor; only dense tensors can be "
-                            f"averaged here.")
+                            f"averaged here: pass .to_dense() (or a dense gradient, e.g. "
+                            f"nn.Embedding(sparse=False)).")
         if not (leaf.is_floating_point() or leaf.is_complex()):
             raise TypeError(f"{fn}(): {what} holds a {leaf.dtype} tensor; averaging needs floating-point "
-                            f"or complex tensors.")
+                            f"or complex tensors: convert it with .float() (e.g. a count to average).")
 
 
 def _mean_over_ranks(tensors: list, group, world_size: int) -> list:
