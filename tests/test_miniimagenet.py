@@ -316,6 +316,7 @@ def test_sampler_is_classification_then_imagenet_normalisation(images):
     assert np.array_equal(unnormalised["target"][0], plain["target"][0])
     custom = miniimagenet.sampler(images, ways=3, normalize=((0.5, 0.5, 0.5), (0.25, 0.5, 1.0)))(key, 0, 2, 3)
     assert np.array_equal(custom["target"][0][:, 2], plain["target"][0][:, 2] - np.float32(0.5))
+    assert np.array_equal(custom["target"][0][:, 0], (plain["target"][0][:, 0] - np.float32(0.5)) * 4)
 
 
 def test_sampler_keys_and_inputs(images):
@@ -342,6 +343,9 @@ def test_sampler_errors(images):
         miniimagenet.sampler(images, ways=7)
     with pytest.raises(ValueError, match="mean must be 3 finite numbers"):
         miniimagenet.sampler(images, ways=2, normalize=((0.5, 0.5), (1, 1, 1)))
+    with pytest.raises(ValueError, match=r"mean must be 1 finite numbers .*got \(0.485, 0.456, 0.406\); pass "
+                                         r"normalize=\(mean, std\) with 1 values each, or normalize=False"):
+        miniimagenet.sampler(images[:, :, :1], ways=2)  # one channel: ImageNet's statistics do not fit
     with pytest.raises(ValueError, match="std must not contain 0"):
         miniimagenet.sampler(images, ways=2, normalize=((0.5,) * 3, (1, 0, 1)))
     with pytest.raises(TypeError, match="normalize must be True"):

@@ -387,8 +387,9 @@ def _channel_stats(values, name: str, channels: int) -> np.ndarray:
     except (TypeError, ValueError):
         raise TypeError(f"sampler(): {name} must be {channels} numbers, got {values!r}.") from None
     if out.shape != (channels,) or not np.all(np.isfinite(out)):
-        raise ValueError(f"sampler(): {name} must be {channels} finite numbers (one per channel), "
-                         f"got {values!r}.")
+        raise ValueError(f"sampler(): {name} must be {channels} finite numbers (one per channel of the "
+                         f"images), got {values!r}; pass normalize=(mean, std) with {channels} values each, "
+                         f"or normalize=False.")
     return out.reshape(channels, 1, 1)
 
 
