@@ -90,6 +90,9 @@ def normal_loglik(mean, std, y):
 
 def gp_posterior(task, x_ctx, y_ctx, x_tgt):
     """The exact GP predictive (mean, std) at x_tgt given the context, with the task family's kernel."""
+    if task.length_scale[0] != task.length_scale[1] or task.output_scale[0] != task.output_scale[1]:
+        raise ValueError(f"gp_posterior() needs the kernel of every task, but {task!r} draws its scales per "
+                         f"task; use fixed length_scale and output_scale for this reference.")
     ls, scale, noise = task.length_scale[0], task.output_scale[0], task.noise
     x_ctx, y_ctx, x_tgt = (t.double() for t in (x_ctx, y_ctx, x_tgt))
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+import runpy
 
 import pytest
 import torch
@@ -54,6 +55,16 @@ def test_cnp_context_size_varies_per_batch(tmp_path):
     assert len(set(m["n_ctx_per_step"])) > 1
     assert all(3 <= n <= 50 for n in m["n_ctx_per_step"])
     assert len(set(m["eval_by_batch"]["n_ctx"])) > 1
+
+
+def test_gp_posterior_refuses_scales_drawn_per_task():
+    gp_posterior = runpy.run_path(str(ROOT / "examples" / "cnp.py"), run_name="__not_main__")["gp_posterior"]
+    x = torch.linspace(-1, 1, 4).reshape(1, 4, 1)
+    mean, std = gp_posterior(mb.tasks.gp(), x, torch.sin(x), x)
+    assert mean.shape == std.shape == (1, 4, 1) and torch.all(std > 0.019)  # the 0.02 noise stays
+    assert torch.allclose(mean, torch.sin(x), atol=0.01)  # at the context points: nearly the data
+    with pytest.raises(ValueError, match="draws its scales per task"):
+        gp_posterior(mb.tasks.gp(length_scale=(0.3, 1.0)), x, torch.sin(x), x)
 
 
 def test_cnp_rejects_bad_ranges(tmp_path, capsys):
