@@ -12,7 +12,7 @@ Batch size 32. Methods (each does the same work per task: benchmarks/_workloads.
                        ``sample_task`` draws from ``mb.random.numpy_rng(key)``
     compat TaskLoader  ``mb.TaskLoader`` over a ``mb.TaskSet`` subclass written in 0.9.1 style
                        (``__gettask__(idx, n_context, n_target)`` on the global ``np.random``, which
-                       the compat layer seeds per task)
+                       the compat layer seeds once per batch from the batch key)
 
 Workloads:
     light   sinusoid regression, n_ctx U{1..5}, n_tgt U{1..10} (0.9.1 and compat: n_tgt
@@ -139,6 +139,7 @@ def children() -> list:
 
 def measure(make, min_time, warmup) -> dict:
     """Time whole batches of ``make()`` (an iterator) for >= min_time s after ``warmup`` batches."""
+    load = loadavg1()
     it = make()
     for _ in range(warmup):
         touch(next(it))
@@ -157,7 +158,8 @@ def measure(make, min_time, warmup) -> dict:
     del it
     gc.collect()
     return {"tasks_per_s": tasks / elapsed, "batches": batches, "seconds": elapsed,
-            "main_cpu_us_per_task": 1e6 * main_cpu / tasks, "children_cpu_us_per_task": 1e6 * kids_cpu / tasks}
+            "main_cpu_us_per_task": 1e6 * main_cpu / tasks, "children_cpu_us_per_task": 1e6 * kids_cpu / tasks,
+            "loadavg_1min_before": load}
 
 
 def rss_mb(pid="self") -> float:
@@ -326,6 +328,11 @@ def loadavg() -> str:
         return f.read().strip()
 
 
+def loadavg1() -> float:
+    """The 1-minute load average (what ``uptime`` shows first)."""
+    return float(loadavg().split()[0])
+
+
 def machine() -> dict:
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
@@ -378,6 +385,7 @@ def summarise(runs) -> dict:
                "spread": (max(rates) - min(rates)) / statistics.median(rates),
                "main_cpu_us_per_task": statistics.median(rep["main_cpu_us_per_task"] for rep in reps),
                "children_cpu_us_per_task": statistics.median(rep["children_cpu_us_per_task"] for rep in reps),
+               "loadavg_1min": [rep.get("loadavg_1min_before") for rep in reps],
                "runs": reps}
         rows.setdefault(method, {}).setdefault(workload, {})[str(workers)] = row
     return rows
@@ -451,6 +459,8 @@ def main():
     parser.add_argument("--out", default=str(HERE / "results"), help="where loader.json / loader.png go")
     parser.add_argument("--mb091-dir", default="/tmp/mb091", help="pip install --target DIR metabatch==0.9.1")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for other benchmarks to finish")
+    parser.add_argument("--max-load", type=float, default=None,
+                        help="also wait (within the same 15 min) until the 1-minute load average is below this")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     parser.add_argument("--child-mb091", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -471,11 +481,14 @@ def main():
     min_times = {wl: (0.3 if args.quick else cfg["min_time"]) for wl, cfg in WORKLOADS.items()}
     waited = 0.0
     others = other_benchmarks()
-    while others and not args.no_wait and waited < 900:
-        print(f"waiting for other benchmarks to finish: {others}", flush=True)
+    busy = args.max_load is not None and loadavg1() > args.max_load
+    while (others or busy) and not args.no_wait and waited < 900:
+        why = f"other benchmarks to finish: {others}" if others else f"the load average ({loadavg()}) to drop"
+        print(f"waiting for {why}", flush=True)
         time.sleep(15)
         waited += 15
         others = other_benchmarks()
+        busy = args.max_load is not None and loadavg1() > args.max_load
     info = machine()
     info["other_benchmarks_at_start"] = others
     info["waited_s"] = waited

@@ -22,12 +22,17 @@ Randomness. Each batch's indices and sizes come from the seed. Legacy
 ``__gettask__`` code draws from the global ``random``, ``numpy.random`` and
 ``torch`` generators; so that its output is reproducible too and independent
 of the worker count, the compat layer seeds those three generators from the
-task's key right before each ``__gettask__`` call. (This is the one place in
-metabatch that touches global generators, and only to serve legacy code;
-with ``num_workers=0`` it leaves them seeded from the last task's key.) Code
-that migrates declares a ``key`` parameter, ``__gettask__(self, idx,
-n_context, n_target, key)``, and draws from :func:`metabatch.random.numpy_rng`
-instead; then nothing global is touched.
+batch key right before the first ``__gettask__`` call of each batch, with
+``seed = (hi ^ lo) & 0xFFFFFFFF`` of ``key_data(spec.key)``; the tasks of a
+batch are then built in order, in one process, so task ``j`` draws right after
+tasks ``0..j-1`` of its batch, whatever the number of workers. (This is the
+one place in metabatch that touches global generators, and only to serve
+legacy code; with ``num_workers=0`` it leaves them advanced past the last
+batch.) To rebuild one batch by hand, ``metabatch.build_batch(loader.sample_task,
+spec)`` seeds them the same way. Code that migrates declares a ``key``
+parameter, ``__gettask__(self, idx, n_context, n_target, key)``, and draws
+from :func:`metabatch.random.numpy_rng` instead; then nothing global is
+touched and each task depends on its own key only.
 
 This module is the only place in metabatch that uses inheritance.
 """
@@ -143,23 +148,37 @@ class TaskSet(abc.ABC, torch.utils.data.Dataset):
 
 
 class _GetTask:
-    """``sample_task(key, idx, n_ctx, n_tgt)`` that calls a TaskSet's ``__gettask__``."""
+    """``sample_task(key, idx, n_ctx, n_tgt)`` that calls a TaskSet's ``__gettask__``.
+
+    For a legacy ``__gettask__`` (no ``key`` parameter) the loader calls
+    ``_start_batch(spec)`` before the tasks of each batch: it seeds the global
+    generators once from the batch key (seeding all three costs about 12 µs,
+    more than a light task itself).
+    """
 
     def __init__(self, dataset: TaskSet):
         self.dataset = dataset
         params = inspect.signature(dataset.__gettask__).parameters
         self.takes_key = "key" in params
+        if self.takes_key:
+            self._start_batch = None
+
+    def _start_batch(self, spec: BatchSpec) -> None:
+        seed = _legacy_seed(spec.key)
+        _py_random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)
 
     def __call__(self, key, idx, n_ctx, n_tgt):
         if self.takes_key:
             return self.dataset.__gettask__(idx, n_ctx, n_tgt, key=key)
-        hi, lo = _random.key_data(key)
-        seed = (hi ^ lo) & 0xFFFFFFFF
-        # Legacy code draws from the global generators: seed them from the task's key.
-        _py_random.seed(seed)
-        np.random.seed(seed)
-        torch.default_generator.manual_seed(seed)
         return self.dataset.__gettask__(idx, n_ctx, n_tgt)
+
+
+def _legacy_seed(key) -> int:
+    """The 32-bit seed of the global generators for the batch of ``key``."""
+    hi, lo = _random.key_data(key)
+    return (hi ^ lo) & 0xFFFFFFFF
 
 
 class _LegacySpecs:

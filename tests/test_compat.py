@@ -1,5 +1,6 @@
 """metabatch 0.9.1 code runs unchanged on the compat layer."""
 
+import hashlib
 import random
 
 import numpy as np
@@ -172,3 +173,64 @@ def test_direct_indexing_explains():
         readme_set()[0]
     with pytest.raises(TypeError, match="TaskSet"):
         TaskLoader([1, 2, 3])
+
+
+def digest(batches) -> str:
+    h = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            h.update(name.encode() + str(tuple(batch[name].shape)).encode())
+            h.update(batch[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# The legacy stream: global generators seeded once per batch from the batch key (see compat's docstring).
+GOLDEN_LEGACY = "2028d87e793902309a0ba7680f6bf0a4f246ffea54d0d0474094130f43ea93a8"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_legacy_stream_is_pinned(num_workers):
+    loader = TaskLoader(readme_set(), batch_size=8, shuffle=True, n_batches=3, num_workers=num_workers, seed=11)
+    assert digest(as_list(loader)) == GOLDEN_LEGACY
+
+
+def test_global_generators_are_seeded_once_per_batch_from_its_key():
+    loader = TaskLoader(readme_set(), batch_size=5, shuffle=True, n_batches=2, seed=4)
+    specs = list(TaskLoader(readme_set(), batch_size=5, shuffle=True, n_batches=2, seed=4).specs)
+    for spec, batch in zip(specs, as_list(loader), strict=True):
+        hi, lo = mb.random.key_data(spec.key)
+        random.seed((hi ^ lo) & 0xFFFFFFFF)
+        np.random.seed((hi ^ lo) & 0xFFFFFFFF)
+        torch.manual_seed((hi ^ lo) & 0xFFFFFFFF)
+        by_hand = [readme_set().__gettask__(i, spec.n_ctx, spec.n_tgt) for i in spec.indices]  # in order
+        assert all(np.array_equal(batch["context"][j], t["context"]) for j, t in enumerate(by_hand))
+        assert all(np.array_equal(batch["target"][j], t["target"]) for j, t in enumerate(by_hand))
+        assert digest([mb.build_batch(loader.sample_task, spec)]) == digest([batch])
+
+
+def test_keyed_taskset_leaves_the_global_generators_alone():
+    np.random.seed(5)
+    random.seed(5)
+    expected = np.random.rand(), random.random()
+    np.random.seed(5)
+    random.seed(5)
+    as_list(TaskLoader(KeyedTaskSet(TASK_DATA, 1, 5, 10), batch_size=4, shuffle=True, n_batches=3, seed=0))
+    assert (np.random.rand(), random.random()) == expected
+
+
+class FailingTaskSet(MyTaskSet):
+    def __gettask__(self, idx, n_context, n_target):
+        if idx == 3:
+            raise KeyError("no task 3")
+        return super().__gettask__(idx, n_context, n_target)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_legacy_errors_say_how_to_rebuild_the_batch(num_workers):
+    loader = TaskLoader(FailingTaskSet(TASK_DATA, 1, 5, 10), batch_size=8, num_workers=num_workers, seed=0)
+    with pytest.raises(KeyError, match="no task 3") as info:
+        list(loader)
+    text = str(info.value) + "".join(getattr(info.value, "__notes__", []))
+    assert "step 0, task 3 of the batch (index 3)" in text and "build_batch(loader.sample_task" in text

@@ -1,6 +1,10 @@
 import functools
+import gc
 import hashlib
+import os
+import pickle
 import time
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import optree
@@ -8,6 +12,7 @@ import pytest
 import torch
 
 import metabatch as mb
+from metabatch import loader
 from tests import tasks_for_tests as T
 
 
@@ -91,20 +96,159 @@ def test_pooled_buffers_are_reused_only_after_the_batch_dies():
     assert len(set(ptrs)) < len(ptrs)  # buffers came back and were reused
 
 
-def test_worker_sends_one_message_per_batch():
-    big_builder = mb.task_loader(T.big_task, mb.batch_specs(0, 50, 4, 3, 2)).dataset
-    small_builder = mb.task_loader(T.sinusoid, sinusoid_specs()).dataset
-    info = type("Info", (), {"id": 0})()
-    real = torch.utils.data.get_worker_info
-    torch.utils.data.get_worker_info = lambda: info  # pretend to be a worker
-    try:
-        big = big_builder[mb.batch_specs(0, 50, 4, 3, 2)[0]]
-        small = small_builder[sinusoid_specs()[0]]
-    finally:
-        torch.utils.data.get_worker_info = real
-    assert isinstance(big.buf, torch.Tensor) and big.buf.is_shared()
-    assert isinstance(small.buf, np.ndarray)  # inline bytes: no shared-memory segment
-    assert digest([big.unpack()]) == digest([mb.build_batch(T.big_task, mb.batch_specs(0, 50, 4, 3, 2)[0])])
+class pretend_worker:
+    """Run a builder's __getitem__ as a loader worker would (it then returns messages)."""
+
+    def __enter__(self):
+        self.real = torch.utils.data.get_worker_info
+        torch.utils.data.get_worker_info = lambda: type("Info", (), {"id": 0})()
+
+    def __exit__(self, *exc):
+        torch.utils.data.get_worker_info = self.real
+
+
+def send(message) -> bytes:
+    return bytes(ForkingPickler.dumps(message))
+
+
+def test_worker_sends_buffers_and_layouts_once():
+    specs = mb.batch_specs(0, 50, 4, 3, 2, num_batches=3)
+    big = mb.task_loader(T.big_task, specs).dataset
+    small = mb.task_loader(T.sinusoid, sinusoid_specs()).dataset
+    spec = sinusoid_specs()[0]
+    with pretend_worker():
+        first, again = send(big[specs[0]]), None
+        small_first, small_again = send(small[spec]), send(small[spec])
+    # The first pooled batch carries its shared buffer (as a file descriptor) and its layout.
+    assert b"rebuild_storage_fd" in first and b"_Layout" in first
+    batch = pickle.loads(first)
+    assert isinstance(batch, loader._Packed) and batch.buf.is_shared()
+    assert digest([batch.unpack()]) == digest([mb.build_batch(T.big_task, specs[0])])
+    del batch
+    gc.collect()  # the views are gone: the slot is free again
+    with pretend_worker():
+        again = send(big[specs[1]])
+    # The next batch reuses the buffer the main process already holds: a few bytes, no descriptor.
+    assert b"rebuild_storage_fd" not in again and b"_Layout" not in again and len(again) < 300
+    assert digest([pickle.loads(again).unpack()]) == digest([mb.build_batch(T.big_task, specs[1])])
+    # Small batches travel inline; a repeated layout travels as a number.
+    assert b"_Layout" in small_first and b"_Layout" not in small_again
+    assert len(small_again) < len(small_first) - 100
+    for message in (small_first, small_again):
+        got = pickle.loads(message)
+        assert isinstance(got.buf, bytearray)  # inline bytes: no shared-memory segment
+        assert digest([got.unpack()]) == digest([mb.build_batch(T.sinusoid, spec)])
+    loader._forget({got.token, pickle.loads(again).token})
+
+
+def test_a_batch_dropped_unpacked_hands_its_buffer_back():
+    specs = mb.batch_specs(0, 50, 4, 3, 2, num_batches=20)
+    big = mb.task_loader(T.big_task, specs).dataset
+    with pretend_worker():
+        messages = [send(big[specs[i]]) for i in range(3)]  # three slots busy
+    flags = big._sender._flags
+    assert flags.sum() == 3
+    got = [pickle.loads(m) for m in messages]
+    del got  # never unpacked (e.g. discarded when an epoch is cut short)
+    assert flags.sum() == 0
+    with pretend_worker():
+        for spec in list(specs)[3:]:  # 17 more batches, each dropped: no new buffer is needed
+            pickle.loads(send(big[spec]))
+    assert sum(buf is not None for buf in big._sender.bufs) == 3  # the three of the first batches
+    loader._forget({big._sender.token})
+
+
+def test_pin_memory_copies_out_and_hands_the_buffer_back(monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, device=None: self.clone())  # CPU-only torch
+    specs = mb.batch_specs(0, 50, 4, 3, 2, num_batches=2)
+    big = mb.task_loader(T.big_task, specs).dataset
+    small = mb.task_loader(T.sinusoid, sinusoid_specs()).dataset
+    with pretend_worker():
+        received = pickle.loads(send(big[specs[0]]))
+        inline = pickle.loads(send(small[sinusoid_specs()[0]]))
+    pinned = received.pin_memory()
+    assert big._sender._flags.sum() == 0  # copied out: the worker may reuse its buffer at once
+    assert digest([pinned.unpack()]) == digest([mb.build_batch(T.big_task, specs[0])])
+    assert digest([inline.pin_memory().unpack()]) == digest([mb.build_batch(T.sinusoid, sinusoid_specs()[0])])
+    loader._forget({received.token, inline.token})
+
+
+def shared_memory_state():
+    """(open fds, mapped shared-memory segments, workers held) of this process."""
+    with open("/proc/self/maps") as f:
+        mapped = sum("/dev/shm/" in line for line in f)
+    return len(os.listdir("/proc/self/fd")), mapped, len(loader._REMOTES)
+
+
+def holders() -> str:
+    """Who holds the shared tensors still alive in this process (for a failing leak check)."""
+    alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_shared()]
+    refs = [type(r).__name__ for o in alive for r in gc.get_referrers(o)]
+    return f"{len(alive)} shared tensors alive, held by {refs}; workers held: {loader._REMOTES}"
+
+
+def settles_to(state, seconds=5.0) -> bool:
+    """True once shared_memory_state() == state (worker shutdown can trail the loader's death)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        gc.collect()
+        if shared_memory_state() == state:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def worker_segments() -> list:
+    pids = set()
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            pids.update(f.read().split())
+    assert pids
+    return [name for name in os.listdir("/dev/shm") if any(f"_{pid}_" in name for pid in pids)]
+
+
+@pytest.mark.parametrize("persistent_workers", [False, True])
+def test_no_shared_memory_leaks(persistent_workers):
+    gc.collect()
+    before = shared_memory_state()
+    specs = mb.batch_specs(0, 50, 4, (1, 3), 2, num_batches=150)
+    ref = digest([mb.build_batch(T.big_task, specs[i]) for i in range(40)])
+    dl = mb.task_loader(T.big_task, specs, num_workers=2, persistent_workers=persistent_workers)
+    for epoch in range(3):
+        states = []
+        for step, batch in enumerate(dl):
+            if step == 0:
+                kept = []
+            if step < 40:
+                kept.append(batch)  # 40 batches alive at once: more than the pools hold
+            if step == 39:
+                assert digest(kept) == ref
+                kept = None
+            if step in (60, 149):
+                states.append(shared_memory_state())
+                assert worker_segments() == []  # no named segment left behind in /dev/shm
+        assert states[0] == states[1]  # nothing grows from batch to batch
+        assert states[1][2] <= 2
+    del dl, batch
+    # Everything unmapped and closed with the loader.
+    assert settles_to(before), f"{shared_memory_state()} != {before}: {holders()}"
+
+
+def test_cut_short_epochs_with_persistent_workers():
+    specs = mb.batch_specs(0, 50, 4, (1, 3), 2, num_batches=12)
+    ref = [digest([mb.build_batch(T.big_task, spec)]) for spec in specs]
+    dl = mb.task_loader(T.big_task, specs, num_workers=2, persistent_workers=True)
+    for cut in (3, 7, 12, 1, 12):
+        got = []
+        for step, batch in enumerate(dl):
+            got.append(digest([batch]))
+            if step + 1 == cut:
+                break
+        assert got == ref[:cut]
+    del dl, batch
+    gc.collect()
+    assert loader._REMOTES == {}
 
 
 def test_small_batches_travel_inline_as_one_buffer():
