@@ -12,6 +12,13 @@ from hypothesis import strategies as st
 import metabatch as mb
 from metabatch import TaskLoader, TaskSet
 
+# Any DataLoader shutdown (not only after an error) can race torch's own index-queue feeder thread
+# when the machine is loaded: it closes the queue while the thread still writes the workers' stop
+# signal ("Exception in thread QueueFeederThread ... Bad file descriptor"). A torch-side message in a
+# torch thread: tolerated in every test here (metabatch itself starts no thread).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception in thread QueueFeederThread:pytest.PytestUnhandledThreadExceptionWarning")
+
 
 class MyTaskSet(TaskSet):
     """The 0.9.1 README pattern: a TaskSet over task_data, legacy global RNG inside."""
