@@ -34,17 +34,16 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 import os
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from .. import random as _random
+from . import _cache
 from .classification import Classification, classification
-from .omniglot import _check_resample, _writable
+from .omniglot import _check_resample
 
 __all__ = ["MEAN", "STD", "MiniImagenet", "Sampler", "load", "sampler"]
 
@@ -192,54 +191,13 @@ def _fingerprint(root: Path, csv_path: Path) -> str:
 
 # -- the cache ------------------------------------------------------------------------------------
 
-def _default_cache_dir() -> Path:
-    root = os.environ.get("METABATCH_CACHE")
-    if root:
-        return Path(root).expanduser() / "miniimagenet"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "metabatch" / "miniimagenet"
+def _from_cache(images: np.ndarray, info: dict) -> MiniImagenet | None:
+    data = MiniImagenet(images, tuple(info["classes"]))
+    return data if images.ndim == 5 and len(images) == len(data.classes) else None
 
 
-def _cache_stems(root: Path, split: str, tag: str, cache_dir) -> list:
-    """Cache file stems (without .npy/.json) in the order they are tried."""
-    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
-    away = f"{root.resolve().name or 'root'}-{digest}.{split}.{tag}"  # shared folder: keyed by location
-    if cache_dir is not None:
-        return [Path(cache_dir).expanduser() / away]
-    return [root / f"{split}.{tag}", _default_cache_dir() / away]
-
-
-def _read_cache(stem: Path, fingerprint: str) -> MiniImagenet | None:
-    """The cached split, or ``None`` if it is missing, stale, half written or damaged."""
-    npy, meta = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
-    try:
-        info = json.loads(meta.read_text())
-        if info.get("format") != _CACHE_FORMAT or info.get("fingerprint") != fingerprint:
-            return None
-        images = np.load(npy, allow_pickle=False)
-        classes = tuple(info["classes"])
-        shape = tuple(info["shape"])
-    except (OSError, ValueError, KeyError, TypeError, EOFError):
-        return None
-    if images.dtype != np.uint8 or images.shape != shape or len(images) != len(classes):
-        return None
-    return MiniImagenet(images, classes)
-
-
-def _write_cache(stem: Path, data: MiniImagenet, info: dict) -> None:
-    """Write ``stem.npy`` then ``stem.json``, each atomically (a temporary file, then a rename)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    info = dict(info, shape=list(data.images.shape), classes=list(data.classes))
-    for suffix, write in ((".npy", lambda f: np.save(f, data.images, allow_pickle=False)),
-                          (".json", lambda f: f.write(json.dumps(info, indent=1).encode()))):
-        final = stem.with_name(stem.name + suffix)
-        tmp = stem.with_name(f".{stem.name}{suffix}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+def _to_cache(data: MiniImagenet) -> tuple[np.ndarray, dict]:
+    return data.images, {"classes": list(data.classes)}
 
 
 def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample: str = "bilinear",
@@ -316,32 +274,12 @@ def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample
     if not cache:
         return _read_split(root, csv_path, size, resample)
     tag = f"{size or 'full'}px-{resample}"
-    stems = _cache_stems(root, split, tag, cache_dir)
-    fingerprint = _fingerprint(root, csv_path)
-    for stem in stems:
-        data = _read_cache(stem, fingerprint)
-        if data is not None:
-            return data
-    data = _read_split(root, csv_path, size, resample)
-    info = {"format": _CACHE_FORMAT, "source": str(csv_path.resolve()), "fingerprint": fingerprint,
-            "split": split, "size": size, "resample": resample}
-    errors = []
-    for stem in stems:
-        if stem.parent == root and not _writable(root):
-            errors.append(f"{root} is read-only")
-            continue
-        try:
-            _write_cache(stem, data, info)
-            return data
-        except OSError as err:  # a read-only data folder: try the next place
-            errors.append(f"{stem}: {err}")
-    if cache_dir is not None:
-        raise OSError(f"could not write the mini-ImageNet cache into cache_dir={cache_dir!r} "
-                      f"({'; '.join(errors)}); pass a writable folder or cache=False.")
-    warnings.warn(f"could not cache {csv_path} anywhere ({'; '.join(errors)}); set METABATCH_CACHE or "
-                  f"cache_dir= to a writable folder to load it faster next time.", RuntimeWarning,
-                  stacklevel=2)
-    return data
+    stems = _cache.stems(root, root / f"{split}.{tag}", root.resolve().name or "root", f"{split}.{tag}",
+                         "miniimagenet", cache_dir)
+    info = {"source": str(csv_path.resolve()), "split": split, "size": size, "resample": resample}
+    return _cache.cached(stems, fmt=_CACHE_FORMAT, fingerprint=_fingerprint(root, csv_path),
+                         build=lambda: _read_split(root, csv_path, size, resample), encode=_to_cache,
+                         decode=_from_cache, info=info, what="mini-ImageNet", cache_dir=cache_dir)
 
 
 # -- tasks ----------------------------------------------------------------------------------------

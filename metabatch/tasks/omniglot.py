@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import operator
 import os
-import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
@@ -39,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import _cache
 from .classification import _item_shape, _to_float
 
 __all__ = [
@@ -229,65 +228,13 @@ def _fingerprint(path: Path) -> str:
 
 # -- the cache ----------------------------------------------------------------------------------
 
-def _default_cache_dir() -> Path:
-    root = os.environ.get("METABATCH_CACHE")
-    if root:
-        return Path(root).expanduser() / "omniglot"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "metabatch" / "omniglot"
+def _from_cache(images: np.ndarray, info: dict) -> Omniglot | None:
+    data = Omniglot(images, tuple(info["alphabets"]), tuple(info["characters"]))
+    return data if images.ndim == 4 and len(images) == len(data.alphabets) == len(data.characters) else None
 
 
-def _cache_stems(path: Path, tag: str, cache_dir) -> list:
-    """Cache file stems (without .npy/.json) in the order they are tried."""
-    stem = path.name[:-4] if path.name.lower().endswith(".zip") else path.name
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
-    away = f"{stem}-{digest}.{tag}"  # in a shared cache folder: keyed by the source's location too
-    if cache_dir is not None:
-        return [Path(cache_dir).expanduser() / away]
-    return [path.parent / f"{stem}.{tag}", _default_cache_dir() / away]
-
-
-def _writable(folder: Path) -> bool:
-    """Whether to write into ``folder``: writable for us *and* not marked read-only.
-
-    A folder without any write bit (``r-xr-xr-x``, like a shared data folder)
-    counts as read-only even for root, who could write there anyway.
-    """
-    try:
-        return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
-    except OSError:
-        return False
-
-
-def _read_cache(stem: Path, fingerprint: str) -> Omniglot | None:
-    npy, meta = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".json")
-    try:
-        info = json.loads(meta.read_text())
-        if info.get("format") != _CACHE_FORMAT or info.get("fingerprint") != fingerprint:
-            return None
-        images = np.load(npy, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    alphabets, characters = tuple(info["alphabets"]), tuple(info["characters"])
-    if images.dtype != np.uint8 or images.ndim != 4 or not len(images) == len(alphabets) == len(characters):
-        return None
-    return Omniglot(images, alphabets, characters)
-
-
-def _write_cache(stem: Path, data: Omniglot, info: dict) -> None:
-    """Write ``stem.npy`` then ``stem.json``, each atomically (a temporary file, then a rename)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    info = dict(info, alphabets=list(data.alphabets), characters=list(data.characters))
-    for suffix, write in ((".npy", lambda f: np.save(f, data.images, allow_pickle=False)),
-                          (".json", lambda f: f.write(json.dumps(info, indent=1).encode()))):
-        final = stem.with_name(stem.name + suffix)
-        tmp = stem.with_name(f".{stem.name}{suffix}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+def _to_cache(data: Omniglot) -> tuple[np.ndarray, dict]:
+    return data.images, {"alphabets": list(data.alphabets), "characters": list(data.characters)}
 
 
 def load(path: str | os.PathLike, *, size: int | None = 28, resample: str = "lanczos", cache: bool = True,
@@ -352,33 +299,13 @@ def load(path: str | os.PathLike, *, size: int | None = 28, resample: str = "lan
             raise FileNotFoundError(f"no Omniglot zip or folder at {path}.{hint}")
     if not cache:
         return _read_source(path, size, resample)
+    name = path.name[:-4] if path.name.lower().endswith(".zip") else path.name
     tag = f"{size or 'full'}px-{resample}"
-    stems = _cache_stems(path, tag, cache_dir)
-    fingerprint = _fingerprint(path)
-    for stem in stems:
-        data = _read_cache(stem, fingerprint)
-        if data is not None:
-            return data
-    data = _read_source(path, size, resample)
-    info = {"format": _CACHE_FORMAT, "source": str(path.resolve()), "fingerprint": fingerprint,
-            "size": size, "resample": resample, "ink": 255}
-    errors = []
-    for stem in stems:
-        if stem.parent == path.parent and not _writable(stem.parent):
-            errors.append(f"{stem.parent} is read-only")
-            continue
-        try:
-            _write_cache(stem, data, info)
-            return data
-        except OSError as err:  # a read-only data folder: try the next place
-            errors.append(f"{stem}: {err}")
-    if cache_dir is not None:
-        raise OSError(f"could not write the Omniglot cache into cache_dir={cache_dir!r} "
-                      f"({'; '.join(errors)}); pass a writable folder or cache=False.")
-    warnings.warn(f"could not cache {path} anywhere ({'; '.join(errors)}); set METABATCH_CACHE or "
-                  f"cache_dir= to a writable folder to load it faster next time.", RuntimeWarning,
-                  stacklevel=2)
-    return data
+    stems = _cache.stems(path, path.parent / f"{name}.{tag}", name, tag, "omniglot", cache_dir)
+    info = {"source": str(path.resolve()), "size": size, "resample": resample, "ink": 255}
+    return _cache.cached(stems, fmt=_CACHE_FORMAT, fingerprint=_fingerprint(path),
+                         build=lambda: _read_source(path, size, resample), encode=_to_cache, decode=_from_cache,
+                         info=info, what="Omniglot", cache_dir=cache_dir)
 
 
 def select(data: Omniglot, alphabets: Sequence[str] | None = None, *,
