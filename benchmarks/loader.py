@@ -145,6 +145,7 @@ def measure(make, min_time, warmup) -> dict:
         touch(next(it))
     kids = children()
     k0 = {p: _cpu_s(p) for p in kids}
+    busy0 = busy_cpu_s()
     c0, t0 = time.process_time(), time.perf_counter()
     tasks = batches = 0
     while True:
@@ -155,11 +156,12 @@ def measure(make, min_time, warmup) -> dict:
             break
     main_cpu = time.process_time() - c0
     kids_cpu = sum(_cpu_s(p) - k0[p] for p in kids)
+    others = max(0.0, busy_cpu_s() - busy0 - main_cpu - kids_cpu) / elapsed
     del it
     gc.collect()
     return {"tasks_per_s": tasks / elapsed, "batches": batches, "seconds": elapsed,
             "main_cpu_us_per_task": 1e6 * main_cpu / tasks, "children_cpu_us_per_task": 1e6 * kids_cpu / tasks,
-            "loadavg_1min_before": load}
+            "loadavg_1min_before": load, "other_processes_cores": round(others, 2)}
 
 
 def rss_mb(pid="self") -> float:
@@ -328,6 +330,26 @@ def loadavg() -> str:
         return f.read().strip()
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds all processes of the machine have spent so far (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def idle_fraction(seconds: float = 10.0) -> float:
+    """The fraction of all cores' time spent idle over the next ``seconds`` (from /proc/stat)."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
 def loadavg1() -> float:
     """The 1-minute load average (what ``uptime`` shows first)."""
     return float(loadavg().split()[0])
@@ -386,6 +408,7 @@ def summarise(runs) -> dict:
                "main_cpu_us_per_task": statistics.median(rep["main_cpu_us_per_task"] for rep in reps),
                "children_cpu_us_per_task": statistics.median(rep["children_cpu_us_per_task"] for rep in reps),
                "loadavg_1min": [rep.get("loadavg_1min_before") for rep in reps],
+               "other_processes_cores": [rep.get("other_processes_cores") for rep in reps],
                "runs": reps}
         rows.setdefault(method, {}).setdefault(workload, {})[str(workers)] = row
     return rows
@@ -459,8 +482,10 @@ def main():
     parser.add_argument("--out", default=str(HERE / "results"), help="where loader.json / loader.png go")
     parser.add_argument("--mb091-dir", default="/tmp/mb091", help="pip install --target DIR metabatch==0.9.1")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for other benchmarks to finish")
-    parser.add_argument("--max-load", type=float, default=None,
-                        help="also wait (within the same 15 min) until the 1-minute load average is below this")
+    parser.add_argument("--min-idle", type=float, default=None,
+                        help="also wait until the cores were at least this idle (0-1) over 10 s: the cores are "
+                             "shared, and a busy core caps every worker configuration")
+    parser.add_argument("--max-wait", type=float, default=900, help="seconds to wait at most (default 900)")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     parser.add_argument("--child-mb091", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -479,19 +504,26 @@ def main():
 
     repeats, warmup = (1, 2) if args.quick else (3, 5)
     min_times = {wl: (0.3 if args.quick else cfg["min_time"]) for wl, cfg in WORKLOADS.items()}
-    waited = 0.0
+    idle, wait_start = None, time.monotonic()
+
+    def busy():
+        nonlocal idle
+        if args.min_idle is None:
+            return False
+        idle = idle_fraction(10.0)
+        return idle < args.min_idle
+
     others = other_benchmarks()
-    busy = args.max_load is not None and loadavg1() > args.max_load
-    while (others or busy) and not args.no_wait and waited < 900:
-        why = f"other benchmarks to finish: {others}" if others else f"the load average ({loadavg()}) to drop"
-        print(f"waiting for {why}", flush=True)
-        time.sleep(15)
-        waited += 15
+    while (others or busy()) and not args.no_wait and time.monotonic() - wait_start < args.max_wait:
+        why = f"other benchmarks to finish: {others}" if others else f"idle CPU {idle:.0%} < {args.min_idle:.0%}"
+        print(f"waiting: {why}", flush=True)
+        time.sleep(5)
         others = other_benchmarks()
-        busy = args.max_load is not None and loadavg1() > args.max_load
+    waited = round(time.monotonic() - wait_start, 1)
     info = machine()
     info["other_benchmarks_at_start"] = others
     info["waited_s"] = waited
+    info["idle_before_start"] = idle
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, numpy {info['numpy']}, "
           f"python {info['python']}; loadavg {info['loadavg_start']}", flush=True)
     W.images()  # made before any fork: workers share it
