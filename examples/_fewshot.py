@@ -33,7 +33,7 @@ from metabatch import maml
 # What fixes the batch stream and the updates: a checkpoint only resumes with the same values.
 STREAM_ARGS = ("seed", "ways", "shots", "query", "meta_batch", "inner_steps", "inner_lr", "meta_lr",
                "first_order", "first_order_steps", "chunk_size", "image_size", "val_classes", "channels",
-               "no_rotate", "shift", "lr_schedule")
+               "no_rotate", "shift", "flip", "lr_schedule")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -107,8 +107,8 @@ def parser(doc: str, defaults: dict, upstream: dict) -> argparse.ArgumentParser:
          default=1000)
     flag("--seed", None, "the seed of everything else", type=nonneg, default=0)
     flag("--num-workers", None, "task-loader worker processes", type=nonneg, default=1)
-    flag("--threads", None, "torch.set_num_threads in the main process (0: torch's default)", type=nonneg,
-         default=0)
+    flag("--threads", None, "torch.set_num_threads in the main process (0: torch's default, one per core)",
+         type=nonneg, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available (default auto)")
     p.add_argument("--tf32", action="store_true", help="CUDA only: TF32 matmuls and convolutions")
@@ -170,27 +170,34 @@ def split_classes(num_classes: int, holdout: int, seed: int) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class Shifted:
-    """``sample_task`` with every image moved by up to ``pixels`` in x and y (zero fill).
+class Augmented:
+    """``sample_task`` with two more augmentations for character images, drawn from ``fold_in(key, 1)``.
 
-    The shifts come from ``fold_in(key, 1)``: ``sample_task`` keeps drawing from ``key`` itself. A module-level
-    frozen dataclass, so it pickles for any worker start method.
+    ``flip``: mirror each class of a task, with probability 1/2 (all its support and query images): a
+    mirrored character is a new character, as a rotated one is. ``shift``: move every image by up to
+    ``shift`` pixels in x and y (zero fill). ``sample_task`` keeps drawing from ``key`` itself. A frozen
+    module-level dataclass, so it pickles for any worker start method.
     """
 
     sample_task: object
-    pixels: int
+    shift: int = 0
+    flip: bool = False
 
     def __call__(self, key, idx, n_ctx, n_tgt):
         task = self.sample_task(key, idx, n_ctx, n_tgt)
         rng = mb.random.numpy_rng(mb.random.fold_in(key, 1))
-        p = self.pixels
+        ways = int(task["context"][1].max()) + 1
+        mirror = rng.random(ways) < 0.5 if self.flip else np.zeros(ways, bool)
+        p = self.shift
         for part in ("context", "target"):
-            x = task[part][0]                                # [n, C, H, W] float32
-            h, w = x.shape[-2:]
-            padded = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(p, p), (p, p)])
-            dy, dx = rng.integers(0, 2 * p + 1, size=(2, len(x)))
-            task[part] = (np.stack([padded[i, ..., dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(len(x))]),
-                          task[part][1])
+            x, y = task[part]                                   # [n, C, H, W] float32, labels [n]
+            x = np.where(mirror[y][:, None, None, None], x[..., ::-1], x)
+            if p:
+                h, w = x.shape[-2:]
+                padded = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(p, p), (p, p)])
+                dy, dx = rng.integers(0, 2 * p + 1, size=(2, len(x)))
+                x = np.stack([padded[i, ..., dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(len(x))])
+            task[part] = (np.ascontiguousarray(x, dtype=np.float32), y)
         return task
 
 
@@ -303,9 +310,9 @@ def train(model, train_task, val_task, args, device, log) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(step):
-        save(args.out / "last.pt", {"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-                                    "args": _jsonable(args), **{k: state[k] for k in
-                                                                ("loss", "val", "best_acc", "best_step")}})
+        save(args.out / "last.pt", {"step": step, "seed": args.seed, "model": model.state_dict(),
+                                    "opt": opt.state_dict(), "args": _jsonable(args),
+                                    **{k: state[k] for k in ("loss", "val", "best_acc", "best_step")}})
 
     def validate(step):
         acc = accuracy_on(model, params, val_task, num_tasks=args.val_tasks, seed=args.seed + 1, args=args,

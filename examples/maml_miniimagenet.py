@@ -35,7 +35,7 @@ MAML-Pytorch (dragen1860) flag names are accepted as aliases, with their default
     --inner-lr         --update_lr            0.01           0.01
     --inner-steps      --update_step          5              5
     --test-steps       --update_step_test     10             10
-    --steps            (--epoch: 60000)       60000          60000 episodes in batches of --task_num
+    --steps            (--epoch)              60000          60000 tasks = 15000 meta-steps of 4
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ import sys
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _fewshot  # noqa: E402  (examples/_fewshot.py: the code shared with maml_omniglot.py)
+import _fewshot  # examples/_fewshot.py: the code shared with maml_omniglot.py
 
-DEFAULTS = dict(ways=5, shots=1, query=15, image_size=84, meta_batch=4, meta_lr=1e-3, inner_lr=0.01,
-                inner_steps=5, test_steps=10, steps=60000, first_order_steps=0, chunk_size=0, val_tasks=300,
-                val_every=1000, out=pathlib.Path("runs/maml_miniimagenet"))
-UPSTREAM = dict(n_way=5, k_spt=1, k_qry=15, imgsz=84, task_num=4, meta_lr=1e-3, update_lr=0.01, update_step=5,
-                update_step_test=10)
+DEFAULTS = {"ways": 5, "shots": 1, "query": 15, "image_size": 84, "meta_batch": 4, "meta_lr": 1e-3,
+            "inner_lr": 0.01, "inner_steps": 5, "test_steps": 10, "steps": 60000, "first_order_steps": 0,
+            "chunk_size": 0, "val_tasks": 300, "val_every": 1000, "out": pathlib.Path("runs/maml_miniimagenet")}
+UPSTREAM = {"n_way": 5, "k_spt": 1, "k_qry": 15, "imgsz": 84, "task_num": 4, "meta_lr": 1e-3, "update_lr": 0.01,
+            "update_step": 5, "update_step_test": 10}  # MAML-Pytorch's miniimagenet_train.py
 
 
 def make_parser():

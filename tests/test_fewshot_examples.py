@@ -3,7 +3,6 @@
 import json
 import pathlib
 import runpy
-import sys
 
 import numpy as np
 import pytest
@@ -102,7 +101,7 @@ def write_miniimagenet(root: pathlib.Path, splits=(("train", 6), ("val", 5), ("t
 def test_omniglot_on_the_small_subsets(omniglot_dir, tmp_path, capsys):
     metrics = run_example("maml_omniglot.py", "--train", omniglot_dir / "images_background_small1.zip",
                           "--eval", omniglot_dir / "images_background_small2.zip", *TINY, "--steps", 4,
-                          "--val-every", 2, "--first-order-steps", 1, "--shift", 1, "--out", tmp_path)
+                          "--val-every", 2, "--first-order-steps", 1, "--shift", 1, "--flip", "--out", tmp_path)
     out = capsys.readouterr().out
     assert "evaluation: 106 characters of Japanese_(katakana), Sanskrit, Tagalog" in out
     assert "training: 116 characters of 5 alphabets" in out
@@ -119,7 +118,8 @@ def test_omniglot_on_the_small_subsets(omniglot_dir, tmp_path, capsys):
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert best["step"] == saved["best"]["step"] and best["val_acc"] == saved["best"]["val_accuracy"]
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert last["step"] == 4 and last["args"]["seed"] == 0 and "opt" in last and "model" in last
+    assert last["step"] == 4 and last["seed"] == last["args"]["seed"] == 0 and "opt" in last and "model" in last
+    assert last["args"]["meta_batch"] == 2 and last["loss"] == metrics["train_loss"]
 
 
 def test_omniglot_resume_continues_the_exact_stream(tiny_omniglot, tmp_path):
@@ -175,10 +175,10 @@ def test_omniglot_without_eval_reports_validation(tiny_omniglot, tmp_path, capsy
     (("--n_way", "five"), "argument --ways/--n_way: expected an int >= 2, got 'five'"),
     (("--meta-lr", -1), "argument --meta-lr/--meta_lr: must be a finite number > 0, got -1"),
     (("--update_lr", "nan"), "argument --inner-lr/--update_lr: must be a finite number > 0, got nan"),
-    (("--shots", 3, "--query", 4), "--shots 3 + --query 4 = 7 images per class, but every class has 6; "
-                                   "lower --query or --shots."),
-    (("--ways", 6, "--val-classes", 5), "--val-classes 5 cannot make 6-way validation tasks; raise it to at "
-                                        "least 6."),
+    (("--shots", 3, "--query", 4), ("--shots 3 + --query 4 = 7 images per class, but every class has 6; "
+                                    "lower --query or --shots.")),
+    (("--ways", 6, "--val-classes", 5), ("--val-classes 5 cannot make 6-way validation tasks; raise it to at "
+                                         "least 6.")),
     (("--val-classes", 12), "--val-classes 12 leaves no training class out of 12; lower it."),
     (("--eval-runs", "RUNS"), "--eval-runs: the runs are 5-way one-shot; train with --ways 5 (got --ways 3)."),
 ])
@@ -279,20 +279,38 @@ def test_miniimagenet_errors(tmp_path, capsys):
     assert "the val split has 5 classes, fewer than --ways 6; lower --ways." in capsys.readouterr().err
 
 
-# -- the shift augmentation ------------------------------------------------------------------------
+# -- augmentations -------------------------------------------------------------------------------
 
 
-def test_shifted_moves_images_and_keeps_the_task():
+def moved(x, y, p):
+    """Whether image y is image x moved by some (dy, dx) in [-p, p]^2 (zero fill)."""
+    padded = np.pad(x, [(0, 0), (p, p), (p, p)])
+    side = x.shape[-1]
+    return any(np.array_equal(y, padded[:, i:i + side, j:j + side]) for i in range(2 * p + 1)
+               for j in range(2 * p + 1))
+
+
+def test_augmented_flips_classes_and_shifts_images():
     fewshot = module("maml_omniglot.py")["_fewshot"]
     images = np.random.default_rng(0).integers(0, 256, size=(6, 4, 9, 9), dtype=np.uint8)
     plain = mb.tasks.classification(images, 3)
-    shifted = fewshot.Shifted(plain, 2)
     key = mb.random.key(3)
-    a, b = plain(key, 0, 1, 2), shifted(key, 0, 1, 2)
-    assert np.array_equal(a["target"][1], b["target"][1])
+    a = plain(key, 0, 1, 2)
+    flipped = fewshot.Augmented(plain, flip=True)(key, 0, 1, 2)
+    mirrored = set()
     for part in ("context", "target"):
-        for x, y in zip(a[part][0], b[part][0]):  # [1, 9, 9]: y is x moved by (dy, dx) in [-2, 2]^2
-            padded = np.pad(x, [(0, 0), (2, 2), (2, 2)])
-            assert any(np.array_equal(y, padded[:, i:i + 9, j:j + 9]) for i in range(5) for j in range(5))
+        assert np.array_equal(a[part][1], flipped[part][1])
+        for x, y, label in zip(a[part][0], flipped[part][0], a[part][1]):
+            assert np.array_equal(y, x) or np.array_equal(y, x[..., ::-1])
+            if not np.array_equal(y, x):
+                mirrored.add(int(label))
+    for part in ("context", "target"):  # a class is mirrored in all its support and query images
+        for x, y, label in zip(a[part][0], flipped[part][0], a[part][1]):
+            assert np.array_equal(y, x[..., ::-1] if int(label) in mirrored else x)
+    assert 0 < len(mirrored) < 3  # for this key
+    shifted = fewshot.Augmented(plain, shift=2)
+    b = shifted(key, 0, 1, 2)
+    assert all(moved(x, y, 2) for part in ("context", "target") for x, y in zip(a[part][0], b[part][0]))
+    assert b["target"][0].dtype == np.float32 and b["target"][0].flags.c_contiguous
     assert all(np.array_equal(u, v) for u, v in zip(shifted(key, 0, 1, 2)["target"], b["target"]))
     assert not np.array_equal(shifted(mb.random.key(4), 0, 1, 2)["target"][0], b["target"][0])
