@@ -1,4 +1,4 @@
-"""The uint8 image cache shared by the dataset readers (Omniglot, mini-ImageNet).
+"""The uint8 image cache shared by the dataset readers (Omniglot, mini-ImageNet), and their Pillow import.
 
 A cache entry is a pair ``<stem>.npy`` (the images) + ``<stem>.json`` (format,
 fingerprint of the source, and whatever the reader needs to rebuild its
@@ -25,6 +25,17 @@ from typing import Any
 import numpy as np
 
 _DAMAGED = (OSError, ValueError, KeyError, TypeError, EOFError)
+
+
+def pil(reader: str, files: str):
+    """``PIL.Image``, or an ImportError saying that ``reader`` needs Pillow to decode ``files``."""
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise ImportError(f"metabatch.tasks.{reader} needs Pillow to decode the {files}: pip install pillow "
+                          f"(or pip install 'metabatch[omniglot]'). Arrays already cached as .npy load "
+                          f"without it.") from err
+    return Image
 
 
 def default_dir(dataset: str) -> Path:

@@ -70,16 +70,6 @@ class MiniImagenet(NamedTuple):
     classes: tuple
 
 
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise ImportError("metabatch.tasks.miniimagenet needs Pillow to decode the JPEG files: "
-                          "pip install pillow (or pip install 'metabatch[omniglot]'). Arrays already "
-                          "cached as .npy load without it.") from err
-    return Image
-
-
 def _check_size(size) -> int | None:
     if size is None:
         return None
@@ -123,7 +113,7 @@ def _read_csv(path: Path) -> tuple[list, list]:
 
 def _decode(path: Path, size: int | None, resample: str) -> np.ndarray:
     """One image file -> uint8 ``[3, H, W]`` RGB, resized to ``size x size``."""
-    Image = _pil()
+    Image = _cache.pil("miniimagenet", "JPEG files")
     try:
         data = path.read_bytes()
     except FileNotFoundError:

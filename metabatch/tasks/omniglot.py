@@ -116,16 +116,6 @@ class Omniglot(NamedTuple):
     characters: tuple
 
 
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise ImportError("metabatch.tasks.omniglot needs Pillow to decode the Omniglot PNG files: "
-                          "pip install pillow (or pip install 'metabatch[omniglot]'). Arrays already "
-                          "cached as .npy load without it.") from err
-    return Image
-
-
 def _check_size(size) -> int | None:
     if size is None:
         return None
@@ -148,7 +138,7 @@ def _check_resample(resample) -> str:
 
 def _decode(data: bytes, size: int | None, resample: str) -> np.ndarray:
     """One PNG -> uint8 (ink 255), resized to ``size x size`` with Pillow's ``resample`` filter."""
-    Image = _pil()
+    Image = _cache.pil("omniglot", "Omniglot PNG files")
     with Image.open(io.BytesIO(data)) as im:
         ink = 255 - np.asarray(im.convert("L"), dtype=np.uint8)
     if size is not None and ink.shape != (size, size):
