@@ -11,7 +11,7 @@ Examples:
     (3, 4)
 """
 
-from . import distributed, maml, nn, random, tasks
+from . import batching, distributed, maml, nn, random, tasks
 from .compat import TaskLoader, TaskSet
 from .loader import TaskDataLoader, build_batch, stack, task_loader
 from .sampler import BatchSpec, BatchSpecs, batch_specs
@@ -23,6 +23,7 @@ __all__ = [
     "tasks",
     "maml",
     "nn",
+    "batching",
     "distributed",
     "BatchSpec",
     "BatchSpecs",

@@ -15,7 +15,7 @@ by ``torch.func.grad`` alike. Variants are options, not classes:
 * :func:`evaluate`: adapt with more steps, per-task loss and metric, mean ± 95 % CI.
 
 Batch norm, layer norm, instance norm, convolutions and max-pooling inside the
-vmapped tasks go through :func:`metabatch.nn.batching_rules` (exact
+vmapped tasks go through :func:`metabatch.batching.batching_rules` (exact
 second-order gradients, faster convolutions; see ``docs/sharp-bits.md``).
 
 Example:
@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from . import nn as _nn
+from . import batching as _batching
 from . import random as _random
 
 __all__ = ["Evaluation", "adapt", "evaluate", "mean_ci", "meta_loss", "reptile_grad"]
@@ -230,7 +230,7 @@ def _map_tasks(fn, fn_name, params, batches, *, lr, mask, chunk_size, randomness
         return fn(spec, leaves, rates, keep, *data)
 
     in_dims = (None, None) + (0,) * len(batches)
-    with _seeded(key, leaves + optree.tree_leaves(batches)), _nn.batching_rules(batch_rules):
+    with _seeded(key, leaves + optree.tree_leaves(batches)), _batching.batching_rules(batch_rules):
         return spec, torch.func.vmap(task, in_dims=in_dims, randomness=randomness,
                                      chunk_size=chunk_size)(leaves, rates, *batches)
 
@@ -268,7 +268,7 @@ def meta_loss(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *
             torch's generators seeded from it, and their previous states are
             restored afterwards: the same key gives the same result. ``None``
             draws from torch's global generator as any module would.
-        batch_rules: use :func:`metabatch.nn.batching_rules` (exact batch-norm
+        batch_rules: use :func:`metabatch.batching.batching_rules` (exact batch-norm
             meta-gradients, faster convolutions). ``False`` uses PyTorch's own rules.
         remat: keep no graph in the forward pass; recompute ``chunk_size`` tasks at a
             time (default 1) during the backward pass instead. Peak memory is then

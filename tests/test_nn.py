@@ -10,6 +10,7 @@ from torch.func import grad, vmap
 
 from metabatch import maml
 from metabatch import nn as mnn
+from metabatch import batching
 
 T = 3
 
@@ -104,7 +105,7 @@ def second_order_check(op, x, params, batched_params=(), tol=1e-10):
 
     def vmapped(s, params):
         dims = [0 if i in batched_params else None for i in range(len(params))]
-        with mnn.batching_rules():
+        with batching.batching_rules():
             return vmap(task, in_dims=(None, dims, 0))(s, params, x).sum()
 
     want = grad(looped, argnums=(0, 1))(s, params)
@@ -115,7 +116,7 @@ def second_order_check(op, x, params, batched_params=(), tol=1e-10):
     for g, w in zip(flat_got, flat_want):
         assert (g - w).abs().max() <= tol * scale
     # values too
-    with mnn.batching_rules():
+    with batching.batching_rules():
         ys = vmap(op, in_dims=(0, *[0 if i in batched_params else None for i in range(len(params))]))(x, *params)
     for t in range(T):
         ref = op(x[t], *[p[t] if i in batched_params else p for i, p in enumerate(params)])
@@ -149,7 +150,7 @@ def test_conv2d_rule(kind, batched_weight):
 def test_max_pool2d_rule(kw):
     second_order_check(lambda x: F.max_pool2d(x, **kw), randn(T, 2, 3, 7, 8, seed=5), [])
     x = randn(T, 2, 3, 7, 8, seed=6)
-    with mnn.batching_rules():
+    with batching.batching_rules():
         y, idx = vmap(lambda x: F.max_pool2d(x, return_indices=True, **kw))(x)
     for t in range(T):
         yt, it = F.max_pool2d(x[t], return_indices=True, **kw)
@@ -238,7 +239,7 @@ def test_channels_last_activations_work_with_common_layers(name):
     apply = mnn.functional(net)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with mnn.batching_rules():
+        with batching.batching_rules():
             y = vmap(apply, in_dims=(None, 0))(params, x)
             g = grad(lambda p: vmap(apply, in_dims=(None, 0))(p, x).pow(2).sum())(params)
     for t in range(T):
@@ -280,7 +281,7 @@ def test_per_task_second_order_under_vmap_equals_loop(op):
     def task(w, x):  # differentiates the inner gradient above the vmap level
         return grad(lambda w: grad(lambda w: f(x, w).pow(3).sum())(w).pow(2).sum())(w)
 
-    with mnn.batching_rules():
+    with batching.batching_rules():
         got = vmap(task, in_dims=(None, 0))(w, x)
     for t in range(T):
         assert torch.allclose(got[t], task(w, x[t]), rtol=1e-10, atol=1e-10)
@@ -294,9 +295,9 @@ def test_rules_only_touch_batched_calls_and_nest():
         return (g ** 2).sum()
 
     want = grad(f)(w)
-    with mnn.batching_rules(), mnn.batching_rules():
+    with batching.batching_rules(), batching.batching_rules():
         assert torch.equal(grad(f)(w), want)
-    with mnn.batching_rules(enabled=False):
+    with batching.batching_rules(enabled=False):
         assert torch.equal(grad(f)(w), want)
 
 
@@ -306,7 +307,7 @@ def test_channels_last_can_be_turned_off_for_a_meta_loss_call():
     loss_fn = mnn.objective(net, F.cross_entropy)
     xs, ys = randn(T, 4, 1, 6, 6, seed=38), torch.randint(0, 2, (T, 4))
     default = maml.meta_loss(loss_fn, mnn.params(net), (xs, ys), (xs, ys), steps=2, lr=0.1)
-    with mnn.batching_rules(channels_last=False):
+    with batching.batching_rules(channels_last=False):
         contiguous = maml.meta_loss(loss_fn, mnn.params(net), (xs, ys), (xs, ys), steps=2, lr=0.1)
     assert contiguous.item() == pytest.approx(default.item(), rel=1e-12)
 
@@ -322,8 +323,12 @@ def test_forward_mode_inside_vmap_uses_exact_fallbacks():
     def jvp(x, t):
         return torch.func.jvp(f, (x,), (t,))
 
-    with mnn.batching_rules():
+    with batching.batching_rules():
         out, tan = vmap(jvp)(x, tangent)
     for t in range(T):
         ref_out, ref_tan = jvp(x[t], tangent[t])
         assert torch.allclose(out[t], ref_out, atol=1e-12) and torch.allclose(tan[t], ref_tan, atol=1e-12)
+
+
+def test_nn_batching_rules_is_the_batching_module_s():
+    assert mnn.batching_rules is batching.batching_rules

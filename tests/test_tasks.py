@@ -115,10 +115,12 @@ def test_task_loader_workers_match_in_process():
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_sizes(name, key):
     f = FAMILIES[name]
-    with pytest.raises(ValueError, match="n_ctx and n_tgt must be >= 0"):
+    with pytest.raises(ValueError, match=r"\(\): n_ctx must be >= 0, got -1"):
         f(key, 0, -1, 2)
-    with pytest.raises(TypeError, match="must be ints"):
+    with pytest.raises(TypeError, match=r"\(\): n_ctx must be an int, got 1.5"):
         f(key, 0, 1.5, 2)
+    with pytest.raises(ValueError, match=r"n_tgt must be <= 1099511627776, got 18446744073709551616"):
+        f(key, 0, 1, 2**64)
 
 
 # -- sinusoid ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import random as _random
-from . import _checks
+from .. import _validate
 
 __all__ = ["Classification", "classification"]
 
@@ -95,7 +95,7 @@ class Classification:
             >>> x.shape, y.tolist()
             ((4, 3), [0, 0, 1, 1])
         """
-        n_ctx, n_tgt = _checks.sizes(n_ctx, n_tgt, "classification")
+        n_ctx, n_tgt = _validate.sizes(n_ctx, n_tgt, "classification")
         num_classes, per_class = self.classes.shape[:2]
         shots = n_ctx + n_tgt
         if shots > per_class:

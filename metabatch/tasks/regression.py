@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .. import random as _random
-from . import _checks
+from .. import _validate
 
 __all__ = ["GP", "gp", "sinusoid"]
 
@@ -69,13 +69,13 @@ def sinusoid(key: _random.Key, idx: int, n_ctx: int, n_tgt: int, *,
         >>> bool(abs(y - a * np.sin(x + p)).max() < 1e-5)
         True
     """
-    n_ctx, n_tgt = _checks.sizes(n_ctx, n_tgt, "sinusoid")
+    n_ctx, n_tgt = _validate.sizes(n_ctx, n_tgt, "sinusoid")
     if amplitude is not _FINN_AMPLITUDE:
-        amplitude = _checks.interval(amplitude, "amplitude", "sinusoid", fixed_ok=False)
+        amplitude = _validate.interval(amplitude, "amplitude", "sinusoid", fixed_ok=False)
     if phase is not _FINN_PHASE:
-        phase = _checks.interval(phase, "phase", "sinusoid", fixed_ok=False)
+        phase = _validate.interval(phase, "phase", "sinusoid", fixed_ok=False)
     if x_range is not _FINN_X:
-        x_range = _checks.interval(x_range, "x_range", "sinusoid", fixed_ok=False)
+        x_range = _validate.interval(x_range, "x_range", "sinusoid", fixed_ok=False)
     rng = _random.numpy_rng(key)
     amp = rng.uniform(amplitude[0], amplitude[1])
     ph = rng.uniform(phase[0], phase[1])
@@ -110,7 +110,7 @@ class GP:
             >>> task["context"][0].shape, task["target"][1].shape
             ((3, 1), (4, 1))
         """
-        n_ctx, n_tgt = _checks.sizes(n_ctx, n_tgt, "gp")
+        n_ctx, n_tgt = _validate.sizes(n_ctx, n_tgt, "gp")
         n = n_ctx + n_tgt
         rng = _random.numpy_rng(key)
         ls = self.length_scale[0]
@@ -174,8 +174,8 @@ def gp(length_scale: float | tuple[float, float] = 0.6, output_scale: float | tu
         >>> tuple(batch["target"][1].shape)
         (4, 20, 1)
     """
-    return GP(length_scale=_checks.interval(length_scale, "length_scale", "gp", positive=True),
-              output_scale=_checks.interval(output_scale, "output_scale", "gp", positive=True),
-              noise=_checks.number(noise, "noise", "gp"),
-              x_range=_checks.interval(x_range, "x_range", "gp", fixed_ok=False),
+    return GP(length_scale=_validate.interval(length_scale, "length_scale", "gp", positive=True),
+              output_scale=_validate.interval(output_scale, "output_scale", "gp", positive=True),
+              noise=_validate.number(noise, "noise", "gp", low=0.0),
+              x_range=_validate.interval(x_range, "x_range", "gp", fixed_ok=False),
               info=bool(info))

@@ -1,0 +1,134 @@
+"""Argument checks shared by every module (private, shared on purpose).
+
+One message shape everywhere: ``"fn(): name must be <what>, got <value>."``,
+with a ``TypeError`` for a value of the wrong type and a ``ValueError`` for a
+value of the right type outside its range. Numpy integers count as ints and
+numpy floats as numbers; ``bool`` is never an int here, even though Python
+says it is.
+
+Examples:
+    >>> from metabatch import _validate
+    >>> _validate.integer(3, "steps", "adapt", low=0)
+    3
+    >>> _validate.integer(1.5, "steps", "adapt")
+    Traceback (most recent call last):
+    ...
+    TypeError: adapt(): steps must be an int, got 1.5 (float).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["callable_", "choice", "flag", "integer", "interval", "number", "sizes"]
+
+#: The largest size (points per task, tasks per batch, ...) any check accepts: far above what fits
+#: in memory, low enough that numpy and torch never overflow on it.
+MAX_SIZE = 2**40
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python or numpy int (not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def integer(value: Any, name: str, fn: str, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as a Python int in ``[low, high]``.
+
+    Raises:
+        TypeError: ``value`` is not an int (a bool, a float such as ``1.0``, a string).
+        ValueError: ``value`` lies outside ``[low, high]``.
+    """
+    if not is_int(value):
+        raise TypeError(f"{fn}(): {name} must be an int, got {_got(value)}.")
+    value = operator.index(value)
+    if low is not None and value < low:
+        raise ValueError(f"{fn}(): {name} must be >= {low}, got {value}.")
+    if high is not None and value > high:
+        raise ValueError(f"{fn}(): {name} must be <= {high}, got {value}.")
+    return value
+
+
+def number(value: Any, name: str, fn: str, *, low: float | None = None, high: float | None = None,
+           strict_low: bool = False, finite: bool = True) -> float:
+    """``value`` (an int or float, Python or numpy, or a 0-d numeric array) as a float.
+
+    Raises:
+        TypeError: ``value`` is not a real number.
+        ValueError: it is NaN or infinite (with ``finite``), or outside the bounds
+            (``> low`` with ``strict_low``, else ``>= low``; ``<= high``).
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        if not (isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"):
+            raise TypeError(f"{fn}(): {name} must be a number, got {_got(value)}.")
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{fn}(): {name} must be a finite number, got {value!r}.")
+    if low is not None and (value <= low if strict_low else value < low):
+        raise ValueError(f"{fn}(): {name} must be {'>' if strict_low else '>='} {low}, got {value!r}.")
+    if high is not None and value > high:
+        raise ValueError(f"{fn}(): {name} must be <= {high}, got {value!r}.")
+    return value
+
+
+def flag(value: Any, name: str, fn: str) -> bool:
+    """``value`` as a bool; only ``True``/``False`` (and numpy bools) are accepted."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}(): {name} must be True or False, got {_got(value)}.")
+    return bool(value)
+
+
+def choice(value: Any, name: str, fn: str, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices``, else a ValueError listing them."""
+    if value not in choices:
+        raise ValueError(f"{fn}(): {name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+    return value
+
+
+def callable_(value: Any, name: str, fn: str) -> Any:
+    """``value`` if it is callable, else a TypeError."""
+    if not callable(value):
+        raise TypeError(f"{fn}(): {name} must be callable, got {_got(value)}.")
+    return value
+
+
+def sizes(n_ctx: Any, n_tgt: Any, fn: str) -> tuple[int, int]:
+    """``(n_ctx, n_tgt)`` as ints in ``[0, MAX_SIZE]``."""
+    return (integer(n_ctx, "n_ctx", fn, low=0, high=MAX_SIZE),
+            integer(n_tgt, "n_tgt", fn, low=0, high=MAX_SIZE))
+
+
+def interval(value: Any, name: str, fn: str, *, positive: bool = False, fixed_ok: bool = True
+             ) -> tuple[float, float]:
+    """A number (a fixed value, when ``fixed_ok``) or a ``(low, high)`` pair -> ``(low, high)``."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        if not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                   for v in value):
+            raise TypeError(f"{fn}(): {name} must be a (low, high) pair of numbers, got {_got(value)}.")
+        low, high = (float(v) for v in value)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"{fn}(): {name} must be finite, got {value!r}.")
+        if low > high:
+            raise ValueError(f"{fn}(): {name} must be a non-empty (low, high) pair with low <= high, got {value!r}; "
+                             f"write ({high}, {low}).")
+        if positive and low <= 0:
+            raise ValueError(f"{fn}(): {name} must lie above 0, got {value!r}.")
+        return low, high
+    if not fixed_ok:
+        raise TypeError(f"{fn}(): {name} must be a (low, high) pair of numbers, got {_got(value)}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{fn}(): {name} must be a number or a (low, high) pair, got {_got(value)}.")
+    fixed = number(value, name, fn, low=0.0 if positive else None, strict_low=positive)
+    return fixed, fixed
