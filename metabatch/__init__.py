@@ -11,7 +11,7 @@ Examples:
     (3, 4)
 """
 
-from . import batching, distributed, maml, nn, random, tasks
+from . import batching, checkpoint, distributed, maml, nn, random, runtime, tasks
 from .compat import TaskLoader, TaskSet
 from .loader import TaskDataLoader, build_batch, stack, task_loader
 from .sampler import BatchSpec, BatchSpecs, batch_specs
@@ -25,6 +25,8 @@ __all__ = [
     "nn",
     "batching",
     "distributed",
+    "checkpoint",
+    "runtime",
     "BatchSpec",
     "BatchSpecs",
     "batch_specs",
