@@ -10,6 +10,11 @@ Batch size 32. Methods (each does the same work per task: benchmarks/_workloads.
                        ``np.random``. It raises with num_workers=0 on torch 2: workers >= 1 only.
     task_loader        ``mb.task_loader(sample_task, mb.batch_specs(...), num_workers=w)``;
                        ``sample_task`` draws from ``mb.random.numpy_rng(key)``
+    torch sharing      the same task_loader with ``collate_fn=mb.stack``: workers stack the batch into
+                       tensors and DataLoader ships them with torch's own tensor sharing (one
+                       shared-memory segment per leaf, its file descriptor fetched per batch) instead of
+                       metabatch's transport (one pooled buffer per batch, sent once); the ratio
+                       ``transport_vs_torch_sharing`` says whether the transport pays
     compat TaskLoader  ``mb.TaskLoader`` over a ``mb.TaskSet`` subclass written in 0.9.1 style
                        (``__gettask__(idx, n_context, n_target)`` on the global ``np.random``, which
                        the compat layer seeds once per batch from the batch key)
@@ -62,8 +67,8 @@ import _workloads as W
 BATCH = 32
 NUM_TASKS = 10_000
 SEED = 0
-METHODS = ["in-loop", "metabatch 0.9.1", "task_loader", "compat TaskLoader"]
-WORKERS = {"in-loop": [0], "metabatch 0.9.1": [1, 2, 3], "task_loader": [0, 1, 2, 3],
+METHODS = ["in-loop", "metabatch 0.9.1", "task_loader", "torch sharing", "compat TaskLoader"]
+WORKERS = {"in-loop": [0], "metabatch 0.9.1": [1, 2, 3], "task_loader": [0, 1, 2, 3], "torch sharing": [1, 2],
            "compat TaskLoader": [0, 1, 2]}
 WORKLOADS = {
     "light": {"n_ctx": (1, 5), "n_tgt": (1, 10), "min_time": 2.0,
@@ -75,6 +80,7 @@ TARGETS = {
     "light_w2_vs_0.9.1": ">= 10",
     "medium_w2_vs_ideal": ">= 0.85 (ideal = 2 x in-loop)",
     "compat_vs_task_loader": ">= 0.90 (within 10 %)",
+    "transport_vs_torch_sharing": "> 1 (else the transport does not pay and goes)",
     "in_loop_vs_w0": "<= 1.10 (task_loader w=0 cost relative to in-loop)",
     "rss": "flat (last - first small against first)",
 }
@@ -186,12 +192,12 @@ def in_loop(workload):
         yield optree.tree_map(lambda *xs: torch.from_numpy(np.stack(xs)), *outs)
 
 
-def make_task_loader(workload, workers):
+def make_task_loader(workload, workers, **options):
     import metabatch as mb
 
     cfg = WORKLOADS[workload]
     specs = mb.batch_specs(SEED, NUM_TASKS, BATCH, cfg["n_ctx"], cfg["n_tgt"])
-    return mb.task_loader(TASKS[workload], specs, num_workers=workers)
+    return mb.task_loader(TASKS[workload], specs, num_workers=workers, **options)
 
 
 def compat_taskset(workload):
@@ -222,6 +228,10 @@ def run_ours(method, workload, workers, min_time, warmup):
             return in_loop(workload)
         if method == "task_loader":
             return iter(make_task_loader(workload, workers))
+        if method == "torch sharing":
+            import metabatch as mb
+
+            return iter(make_task_loader(workload, workers, collate_fn=mb.stack))
         return iter(make_compat(workload, workers))
 
     return measure(make, min_time, warmup)
@@ -395,6 +405,9 @@ def ratios(rows) -> dict:
         for w in WORKERS["compat TaskLoader"]:
             out[f"compat_vs_task_loader/{workload}/{w}"] = r(med(rows, "compat TaskLoader", workload, w),
                                                               med(rows, "task_loader", workload, w))
+        for w in WORKERS["torch sharing"]:
+            out[f"transport_vs_torch_sharing/{workload}/{w}"] = r(med(rows, "task_loader", workload, w),
+                                                                   med(rows, "torch sharing", workload, w))
     return out
 
 
@@ -438,7 +451,7 @@ def plot(result, path):
     rows = result["results"]
     fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(12, 4.8))
     styles = {"metabatch 0.9.1": ("tab:red", "s", 4), "task_loader": ("tab:blue", "o", 4),
-              "compat TaskLoader": ("tab:green", "^", -11)}
+              "torch sharing": ("tab:purple", "v", -11), "compat TaskLoader": ("tab:green", "^", -11)}
     for ax, workload in zip(axes, WORKLOADS):
         base = med(rows, "in-loop", workload, 0)
         if base is not None:
@@ -493,6 +506,8 @@ def main():
                              "others are kept in the JSON under 'discarded'")
     parser.add_argument("--retries", type=int, default=3, help="extra attempts per configuration (default 3)")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+                        help="race only these methods (default: all)")
     parser.add_argument("--child-mb091", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_mb091:
@@ -556,7 +571,7 @@ def main():
     t_start = time.perf_counter()
     for rep in range(repeats):
         for workload in WORKLOADS:
-            for method in METHODS:
+            for method in args.methods:
                 if method == "metabatch 0.9.1":
                     if not mb091_ok:
                         continue

@@ -14,25 +14,32 @@ Code written for 0.9.1 runs unchanged::
     loader = TaskLoader(MyTaskSet(data, min_pts=1, max_ctx_pts=5, max_tgt_pts=10),
                         batch_size=16, num_workers=8)
 
-Underneath, ``TaskLoader`` is a :class:`~metabatch.TaskDataLoader` fed by
-:class:`~metabatch.BatchSpec` values: no Manager process, no per-task IPC, one
-message per batch, and every batch reproducible from ``loader.seed``.
+Underneath, ``TaskLoader`` is a [TaskDataLoader][metabatch.TaskDataLoader] whose
+dataset is your ``TaskSet`` itself (``loader.dataset``), indexed by
+[BatchSpec][metabatch.BatchSpec] values: no Manager process, no per-task IPC,
+one message per batch, and every batch reproducible from ``loader.seed``.
 
-Randomness. Each batch's indices and sizes come from the seed. Legacy
-``__gettask__`` code draws from the global ``random``, ``numpy.random`` and
-``torch`` generators; so that its output is reproducible too and independent
-of the worker count, the compat layer seeds those three generators from the
-batch key right before the first ``__gettask__`` call of each batch, with
-``seed = (hi ^ lo) & 0xFFFFFFFF`` of ``key_data(spec.key)``; the tasks of a
-batch are then built in order, in one process, so task ``j`` draws right after
-tasks ``0..j-1`` of its batch, whatever the number of workers. (This is the
-one place in metabatch that touches global generators, and only to serve
-legacy code; with ``num_workers=0`` it leaves them advanced past the last
-batch.) To rebuild one batch by hand, ``metabatch.build_batch(loader.sample_task,
-spec)`` seeds them the same way. Code that migrates declares a ``key``
-parameter, ``__gettask__(self, idx, n_context, n_target, key)``, and draws
-from :func:`metabatch.random.numpy_rng` instead; then nothing global is
-touched and each task depends on its own key only.
+Randomness. Each batch's indices and sizes come from ``loader.seed``
+(without ``seed=``, it is drawn once from the global ``numpy.random`` and
+``torch`` generators, so that a script that seeds them — as 0.9.1 scripts do —
+gets the same stream on every run). Legacy ``__gettask__`` code draws from the
+global ``random``, ``numpy.random`` and ``torch`` generators; so that its
+output is reproducible too and independent of the worker count, the compat
+layer seeds those three generators from the batch key right before the first
+``__gettask__`` call of each batch, with ``seed = (hi ^ lo) & 0xFFFFFFFF`` of
+``key_data(spec.key)``; the tasks of a batch are then built in order, in one
+process, so task ``j`` draws right after tasks ``0..j-1`` of its batch,
+whatever the number of workers. With ``num_workers=0`` the generators' states
+are restored after each batch, so the training loop's own randomness (dropout,
+``torch.rand``) still follows the user's seed. To rebuild one batch by hand,
+``loader.collate_fn(loader.dataset[spec])`` does what a worker does. Code that
+migrates declares a ``key`` parameter, ``__gettask__(self, idx, n_context,
+n_target, key)``, and draws from [metabatch.random.numpy_rng][] instead; then
+nothing global is touched and each task depends on its own key only.
+
+Tasks whose outputs hold strings or other non-numeric leaves (0.9.1's README
+has ``'label': 'dog'``) are collated as ``torch.utils.data.default_collate``
+does (a list of strings); numeric batches travel in one shared buffer.
 
 This module is the only place in metabatch that uses inheritance.
 """
@@ -42,24 +49,18 @@ from __future__ import annotations
 import abc
 import inspect
 import random as _py_random
-import secrets
+import weakref
 
 import numpy as np
 import torch
 import torch.utils.data
 
+from . import _stack, _validate
 from . import random as _random
-from .loader import TaskDataLoader, _BatchBuilder, _check_loader_args, _identity
+from .loader import TaskDataLoader, Tasks, check_spec
 from .sampler import BatchSpec
 
 __all__ = ["TaskSet", "TaskLoader"]
-
-
-def _check_int(value, name: str, low: int | None = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"TaskSet: {name} must be an int, got {value!r}.")
-    if low is not None and value < low:
-        raise ValueError(f"TaskSet: {name} must be >= {low}, got {value}.")
 
 
 class TaskSet(abc.ABC, torch.utils.data.Dataset):
@@ -100,9 +101,9 @@ class TaskSet(abc.ABC, torch.utils.data.Dataset):
     def __init__(self, min_pts: int, max_ctx_pts: int, max_tgt_pts: int, total_tgt_pts: int | None = None,
                  eval: bool = False, predict_full_target: bool = False,
                  predict_full_target_during_eval: bool = False):
-        _check_int(min_pts, "min_pts")
-        _check_int(max_ctx_pts, "max_ctx_pts")
-        _check_int(max_tgt_pts, "max_tgt_pts")
+        min_pts = _validate.integer(min_pts, "min_pts", "TaskSet", low=0)
+        max_ctx_pts = _validate.integer(max_ctx_pts, "max_ctx_pts", "TaskSet", low=0)
+        max_tgt_pts = _validate.integer(max_tgt_pts, "max_tgt_pts", "TaskSet", low=0)
         if max_ctx_pts < min_pts:
             raise ValueError(f"TaskSet: max_ctx_pts={max_ctx_pts} must be >= min_pts={min_pts}.")
         if max_ctx_pts >= max_tgt_pts:
@@ -113,7 +114,7 @@ class TaskSet(abc.ABC, torch.utils.data.Dataset):
             raise ValueError("TaskSet: predict_full_target / predict_full_target_during_eval need "
                              "total_tgt_pts (the number of points of a full task).")
         if total_tgt_pts is not None:
-            _check_int(total_tgt_pts, "total_tgt_pts")
+            total_tgt_pts = _validate.integer(total_tgt_pts, "total_tgt_pts", "TaskSet", low=0)
             if eval and predict_full_target_during_eval and total_tgt_pts < max_ctx_pts:
                 raise ValueError(f"TaskSet: total_tgt_pts={total_tgt_pts} must be >= max_ctx_pts="
                                  f"{max_ctx_pts}, since eval targets are total_tgt_pts - n_context.")
@@ -126,20 +127,47 @@ class TaskSet(abc.ABC, torch.utils.data.Dataset):
         self.predict_full_target_during_eval = predict_full_target_during_eval
 
     def sizes(self, rng: np.random.Generator) -> tuple[int, int]:
-        """Draw one batch's ``(n_context, n_target)`` with 0.9.1's rules."""
+        """Draw one batch's ``(n_context, n_target)`` with 0.9.1's rules.
+
+        The options are read when the batch is drawn, so ``taskset.eval = True``
+        set after construction (0.9.1 code does) takes effect for later batches.
+
+        Raises:
+            ValueError: the options as they are now ask for no target point, or for
+                ``total_tgt_pts`` that was never given.
+        """
         n_context = int(rng.integers(self.min_pts, self.max_ctx_pts, endpoint=True))
+        full = self.predict_full_target or (self.eval and self.predict_full_target_during_eval)
+        if full and self.total_tgt_pts is None:
+            raise ValueError(f"{type(self).__name__}: predict_full_target / predict_full_target_during_eval "
+                             f"(eval={self.eval}) need total_tgt_pts, the number of points of a full task; "
+                             f"pass total_tgt_pts=... to TaskSet.__init__.")
         if self.predict_full_target:
             n_target = self.total_tgt_pts
         elif self.eval and self.predict_full_target_during_eval:
             n_target = self.total_tgt_pts - n_context
+            if n_target < 1:
+                raise ValueError(f"{type(self).__name__}: in eval with predict_full_target_during_eval, n_target "
+                                 f"= total_tgt_pts - n_context = {self.total_tgt_pts} - {n_context} = {n_target}: "
+                                 f"no target point is left. Make total_tgt_pts larger than max_ctx_pts="
+                                 f"{self.max_ctx_pts}.")
         else:
             n_target = int(rng.integers(n_context, self.max_tgt_pts, endpoint=True))
         return n_context, n_target
 
-    def __getitem__(self, index):
-        raise TypeError(f"{type(self).__name__}[{index!r}]: a TaskSet is indexed through TaskLoader, which "
-                        f"chooses n_context / n_target per batch; call __gettask__(idx, n_context, "
-                        f"n_target) to build one task by hand.")
+    def __getitem__(self, spec):
+        """The :class:`~metabatch.loader.Tasks` of a batch spec: what a ``TaskLoader`` worker builds.
+
+        ``__gettask__(idx, n_context, n_target)`` is called for every index of the
+        spec, in order, after the global generators are seeded from the spec's key
+        (restored afterwards in the main process); a ``__gettask__`` that takes a
+        ``key`` gets each task's own key instead and nothing global is touched.
+        """
+        if not isinstance(spec, BatchSpec):
+            raise TypeError(f"{type(self).__name__}[{spec!r:.60}]: a TaskSet is indexed by the batch specs of "
+                            f"its TaskLoader, which choose n_context / n_target per batch; call "
+                            f"__gettask__(idx, n_context, n_target) to build one task by hand.")
+        return _build(self, check_spec(spec))
 
     @abc.abstractmethod
     def __gettask__(self, index, n_context, n_target):
@@ -147,38 +175,62 @@ class TaskSet(abc.ABC, torch.utils.data.Dataset):
         raise NotImplementedError
 
 
-class _GetTask:
-    """``sample_task(key, idx, n_ctx, n_tgt)`` that calls a TaskSet's ``__gettask__``.
+_TAKES_KEY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # TaskSet class -> takes a key
 
-    For a legacy ``__gettask__`` (no ``key`` parameter) the loader calls
-    ``_start_batch(spec)`` before the tasks of each batch: it seeds the global
-    generators once from the batch key (seeding all three costs about 12 µs,
-    more than a light task itself).
-    """
 
-    def __init__(self, dataset: TaskSet):
-        self.dataset = dataset
-        params = inspect.signature(dataset.__gettask__).parameters
-        self.takes_key = "key" in params
-        if self.takes_key:
-            self._start_batch = None
-
-    def _start_batch(self, spec: BatchSpec) -> None:
-        seed = _legacy_seed(spec.key)
-        _py_random.seed(seed)
-        np.random.seed(seed)
-        torch.default_generator.manual_seed(seed)
-
-    def __call__(self, key, idx, n_ctx, n_tgt):
-        if self.takes_key:
-            return self.dataset.__gettask__(idx, n_ctx, n_tgt, key=key)
-        return self.dataset.__gettask__(idx, n_ctx, n_tgt)
+def _takes_key(taskset: TaskSet) -> bool:
+    cls = type(taskset)
+    takes = _TAKES_KEY.get(cls)
+    if takes is None:
+        takes = _TAKES_KEY[cls] = "key" in inspect.signature(taskset.__gettask__).parameters
+    return takes
 
 
 def _legacy_seed(key) -> int:
     """The 32-bit seed of the global generators for the batch of ``key``."""
     hi, lo = _random.key_data(key)
     return (hi ^ lo) & 0xFFFFFFFF
+
+
+def _note(err: BaseException, spec: BatchSpec, j: int, idx, how: str) -> None:
+    _stack.add_note(err, f"metabatch: raised by __gettask__({idx}, {spec.n_ctx}, {spec.n_tgt}) at step "
+                         f"{spec.step}, task {j} of the batch; {how}")
+
+
+def _build(taskset: TaskSet, spec: BatchSpec) -> Tasks:
+    n_ctx, n_tgt = spec.n_ctx, spec.n_tgt
+    if _takes_key(taskset):
+        outs = []
+        for j, (k, idx) in enumerate(zip(spec.task_keys(), spec.indices)):
+            try:
+                outs.append(taskset.__gettask__(idx, n_ctx, n_tgt, key=k))
+            except Exception as err:
+                _note(err, spec, j, idx, f"its key is metabatch.random.key_from_data({_random.key_data(k)}).")
+                raise
+        return Tasks(spec, outs)
+    in_worker = torch.utils.data.get_worker_info() is not None
+    if not in_worker:  # the training loop's generators: put back as they were after the batch
+        saved = _py_random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    seed = _legacy_seed(spec.key)
+    _py_random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        outs = []
+        for j, idx in enumerate(spec.indices):
+            try:
+                outs.append(taskset.__gettask__(idx, n_ctx, n_tgt))
+            except Exception as err:
+                _note(err, spec, j, idx, "its tasks draw from the global generators, seeded once per batch: "
+                                         "rebuild the whole batch with loader.dataset[spec] for the spec of "
+                                         f"step {spec.step}.")
+                raise
+        return Tasks(spec, outs)
+    finally:
+        if not in_worker:
+            _py_random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.default_generator.set_state(saved[2])
 
 
 class _LegacySpecs:
@@ -219,21 +271,28 @@ class _LegacySpecs:
 
 
 class TaskLoader(TaskDataLoader):
-    """The 0.9.1 ``TaskLoader``, same signature, on :func:`metabatch.task_loader`.
+    """The 0.9.1 ``TaskLoader``, same signature and defaults, on [metabatch.TaskDataLoader][].
 
     Batches of ``batch_size`` tasks share one ``(n_context, n_target)``. With
     ``n_batches``, each iteration draws that many batches *with replacement*
     (duplicates inside a batch are allowed); otherwise an iteration is one
     epoch over the dataset (``shuffle`` for a fresh order each epoch).
+    ``loader.dataset`` is your ``TaskSet``; without persistent workers (the
+    default, as in 0.9.1) each epoch's workers get it afresh, so a change made
+    between epochs (a curriculum level) reaches them.
 
     Differences from 0.9.1: it also works with ``num_workers=0``; ``workers=``
     is accepted as an alias of ``num_workers`` (0.9.1's README used it); and
     ``seed`` fixes the whole stream, for any worker count. Without ``seed``, one
-    is drawn from the OS once and kept in ``loader.seed``, so a run can be
-    repeated. A user ``collate_fn`` receives the list of task outputs, as in
-    0.9.1; without one the tasks are stacked into one pytree of tensors.
+    is drawn from the global ``numpy.random`` and ``torch`` generators and kept
+    in ``loader.seed``: a script that seeds them gets the same stream on every
+    run. A user ``collate_fn`` receives the list of task outputs, as in 0.9.1;
+    without one the tasks are stacked into one pytree of tensors (leaves that
+    are not numbers or numeric arrays, such as strings, collate as
+    ``torch.utils.data.default_collate`` does).
 
     Raises:
+        TypeError: ``dataset`` is not a ``TaskSet``; an int argument is not an int.
         ValueError: ``n_batches`` without ``shuffle`` (as in 0.9.1), a
             non-positive ``batch_size`` or ``n_batches``, or an empty dataset.
 
@@ -254,25 +313,27 @@ class TaskLoader(TaskDataLoader):
     def __init__(self, dataset: TaskSet, batch_size: int | None = 1, shuffle: bool = False,
                  n_batches: int | None = None, num_workers: int = 0, collate_fn=None, pin_memory: bool = False,
                  drop_last: bool = False, timeout: float = 0, worker_init_fn=None, multiprocessing_context=None,
-                 generator=None, *, prefetch_factor: int | None = 2, persistent_workers: bool = True,
+                 generator=None, *, prefetch_factor: int | None = 2, persistent_workers: bool = False,
                  pin_memory_device: str = "", seed: int | None = None, workers: int | None = None):
         if workers is not None:
-            num_workers = workers
+            num_workers = _validate.integer(workers, "workers", "TaskLoader", low=0)
+        num_workers = _validate.integer(num_workers, "num_workers", "TaskLoader", low=0)
         if not isinstance(dataset, TaskSet):
-            raise TypeError(f"TaskLoader needs a metabatch.TaskSet, got {type(dataset).__name__}; for a "
-                            f"plain task function use metabatch.task_loader(sample_task, specs).")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"TaskLoader: batch_size must be a positive int, got {batch_size!r}.")
+            raise TypeError(f"TaskLoader(): dataset must be a metabatch.TaskSet, got {type(dataset).__name__}; "
+                            f"for a plain task function use metabatch.task_loader(sample_task, specs).")
+        batch_size = _validate.integer(batch_size, "batch_size", "TaskLoader", low=1)
         if n_batches is not None:
-            if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches <= 0:
-                raise ValueError(f"TaskLoader: n_batches must be a positive int or None, got {n_batches!r}.")
+            n_batches = _validate.integer(n_batches, "n_batches", "TaskLoader", low=1)
             if not shuffle:
-                raise ValueError("TaskLoader: n_batches draws tasks at random, so it needs shuffle=True "
+                raise ValueError("TaskLoader(): n_batches draws tasks at random, so it needs shuffle=True "
                                  "(as in metabatch 0.9.1).")
         if len(dataset) <= 0:
-            raise ValueError(f"TaskLoader: the dataset is empty (len {len(dataset)}).")
+            raise ValueError(f"TaskLoader(): the dataset is empty (len {len(dataset)}).")
         if seed is None:
-            seed = secrets.randbits(63)  # OS entropy, drawn once; kept so that the run can be repeated
+            # From the global generators: a script that seeds them (as 0.9.1 scripts do) repeats its stream.
+            hi = int(np.random.randint(0, 2**32, dtype=np.int64))
+            lo = int(torch.randint(0, 2**32, (), dtype=torch.int64))
+            seed = hi << 32 | lo
         _random.key(seed)  # validates the seed
         self.seed = seed
         options = dict(pin_memory=pin_memory, timeout=timeout, worker_init_fn=worker_init_fn,
@@ -282,7 +343,5 @@ class TaskLoader(TaskDataLoader):
         if pin_memory_device:
             options["pin_memory_device"] = pin_memory_device
         specs = _LegacySpecs(dataset, batch_size, shuffle, n_batches, drop_last, self.seed)
-        sample_task = _GetTask(dataset)
-        _check_loader_args(sample_task, num_workers, collate_fn, options)
-        super().__init__(_BatchBuilder(sample_task, collate_fn), batch_size=None, sampler=specs,
-                         num_workers=num_workers, collate_fn=_identity, **options)
+        super().__init__(dataset, specs, num_workers=num_workers, collate_fn=collate_fn,
+                         fallback_collate=torch.utils.data.default_collate, **options)

@@ -28,7 +28,7 @@ import torch
 
 from .batching import batching_rules
 
-__all__ = ["accuracy", "batching_rules", "functional", "objective", "params"]
+__all__ = ["accuracy", "functional", "objective", "params"]  # (batching_rules: see metabatch.batching)
 
 
 # --------------------------------------------------------------------------- the bridge

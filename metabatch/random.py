@@ -28,7 +28,7 @@ import operator
 import numpy as np
 import torch
 
-__all__ = ["Key", "key", "split", "fold_in", "numpy_rng", "torch_generator", "key_data"]
+__all__ = ["Key", "key", "split", "fold_in", "numpy_rng", "torch_generator", "key_data", "key_from_data"]
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -49,8 +49,8 @@ class Key:
 
     Make one with :func:`key`; never construct it directly. Two keys are equal
     when they hold the same 128 bits. The repr shows those bits in hex so that
-    a key printed in an error message can be rebuilt with :func:`key_data`'s
-    inverse ``Key._from_words``.
+    a key printed in an error message can be rebuilt with
+    :func:`key_from_data`, the inverse of :func:`key_data`.
 
     Examples:
         >>> import pickle, metabatch as mb
@@ -197,11 +197,40 @@ def key_data(key: Key) -> tuple[int, int]:
     Examples:
         >>> import metabatch as mb
         >>> hi, lo = mb.random.key_data(mb.random.key(0))
-        >>> mb.random.Key._from_words(hi, lo) == mb.random.key(0)
+        >>> mb.random.key_from_data((hi, lo)) == mb.random.key(0)
         True
     """
     _check_key(key, "key_data")
     return key._hi, key._lo
+
+
+def key_from_data(data: tuple[int, int]) -> Key:
+    """The key whose :func:`key_data` is ``data``: rebuild a key from a log line or a checkpoint.
+
+    Error messages of the loader print a failing task's key as these two words,
+    so that the task can be rerun alone.
+
+    Args:
+        data: a pair ``(hi, lo)`` of ints in ``[0, 2**64)``.
+
+    Returns:
+        The :class:`Key`.
+
+    Raises:
+        TypeError: ``data`` is not a pair of ints.
+        ValueError: a word lies outside ``[0, 2**64)``.
+
+    Examples:
+        >>> import metabatch as mb
+        >>> k = mb.random.fold_in(mb.random.key(3), 7)
+        >>> mb.random.key_from_data(mb.random.key_data(k)) == k
+        True
+    """
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"key_from_data(): data must be a pair (hi, lo) of ints as returned by key_data(), "
+                        f"got {data!r}.")
+    hi, lo = (_as_uint64(v, "data", "key_from_data") for v in data)
+    return Key._from_words(hi, lo)
 
 
 class _KeySeedSequence:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import metabatch as mb
-from metabatch import loader
+from metabatch import _transport, loader
 from tests import tasks_for_tests as T
 
 # Any DataLoader shutdown (not only after an error) can race torch's own index-queue feeder thread
@@ -114,84 +114,89 @@ class pretend_worker:
         torch.utils.data.get_worker_info = self.real
 
 
+def work(task_loader, spec):
+    """What a worker of ``task_loader`` returns for ``spec``."""
+    return task_loader.collate_fn(task_loader.dataset[spec])
+
+
 def send(message) -> bytes:
     return bytes(ForkingPickler.dumps(message))
 
 
 def test_worker_sends_buffers_and_layouts_once():
     specs = mb.batch_specs(0, 50, 4, 3, 2, num_batches=3)
-    big = mb.task_loader(T.big_task, specs).dataset
-    small = mb.task_loader(T.sinusoid, sinusoid_specs()).dataset
+    big = mb.task_loader(T.big_task, specs)
+    small = mb.task_loader(T.sinusoid, sinusoid_specs())
     spec = sinusoid_specs()[0]
     with pretend_worker():
-        first, again = send(big[specs[0]]), None
-        small_first, small_again = send(small[spec]), send(small[spec])
+        first, again = send(work(big, specs[0])), None
+        small_first, small_again = send(work(small, spec)), send(work(small, spec))
     # The first pooled batch carries its shared buffer (as a file descriptor) and its layout.
-    assert b"rebuild_storage_fd" in first and b"_Layout" in first
+    assert b"rebuild_storage_fd" in first and b"Layout" in first
     batch = pickle.loads(first)
-    assert isinstance(batch, loader._Packed) and batch.buf.is_shared()
+    assert isinstance(batch, _transport.Packed) and batch.buf.is_shared()
     assert digest([batch.unpack()]) == digest([mb.build_batch(T.big_task, specs[0])])
     del batch
     gc.collect()  # the views are gone: the slot is free again
     with pretend_worker():
-        again = send(big[specs[1]])
+        again = send(work(big, specs[1]))
     # The next batch reuses the buffer the main process already holds: a few bytes, no descriptor.
-    assert b"rebuild_storage_fd" not in again and b"_Layout" not in again and len(again) < 300
+    assert b"rebuild_storage_fd" not in again and b"Layout" not in again and len(again) < 300
     assert digest([pickle.loads(again).unpack()]) == digest([mb.build_batch(T.big_task, specs[1])])
     # Small batches travel inline; a repeated layout travels as a number.
-    assert b"_Layout" in small_first and b"_Layout" not in small_again
+    assert b"Layout" in small_first and b"Layout" not in small_again
     assert len(small_again) < len(small_first) - 100
     for message in (small_first, small_again):
         got = pickle.loads(message)
         assert isinstance(got.buf, bytearray)  # inline bytes: no shared-memory segment
         assert digest([got.unpack()]) == digest([mb.build_batch(T.sinusoid, spec)])
-    loader._forget({got.token, pickle.loads(again).token})
+    _transport.forget({got.token, pickle.loads(again).token})
 
 
 def test_a_batch_dropped_unpacked_hands_its_buffer_back():
     specs = mb.batch_specs(0, 50, 4, 3, 2, num_batches=20)
-    big = mb.task_loader(T.big_task, specs).dataset
+    big = mb.task_loader(T.big_task, specs)
     with pretend_worker():
-        messages = [send(big[specs[i]]) for i in range(3)]  # three slots busy
-    flags = big._sender._flags
+        messages = [send(work(big, specs[i])) for i in range(3)]  # three slots busy
+    flags = big.collate_fn._sender._flags
     assert flags.sum() == 3
     got = [pickle.loads(m) for m in messages]
     del got  # never unpacked (e.g. discarded when an epoch is cut short)
     assert flags.sum() == 0
     with pretend_worker():
         for spec in list(specs)[3:]:  # 17 more batches, each dropped: no new buffer is needed
-            pickle.loads(send(big[spec]))
-    assert sum(buf is not None for buf in big._sender.bufs) == 3  # the three of the first batches
-    loader._forget({big._sender.token})
+            pickle.loads(send(work(big, spec)))
+    assert sum(buf is not None for buf in big.collate_fn._sender.bufs) == 3  # the three of the first batches
+    _transport.forget({big.collate_fn._sender.token})
 
 
 def test_pin_memory_copies_out_and_hands_the_buffer_back(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, device=None: self.clone())  # CPU-only torch
     specs = mb.batch_specs(0, 50, 4, 3, 2, num_batches=2)
-    big = mb.task_loader(T.big_task, specs).dataset
-    small = mb.task_loader(T.sinusoid, sinusoid_specs()).dataset
+    big = mb.task_loader(T.big_task, specs)
+    small = mb.task_loader(T.sinusoid, sinusoid_specs())
     with pretend_worker():
-        received = pickle.loads(send(big[specs[0]]))
-        inline = pickle.loads(send(small[sinusoid_specs()[0]]))
+        received = pickle.loads(send(work(big, specs[0])))
+        inline = pickle.loads(send(work(small, sinusoid_specs()[0])))
     pinned = received.pin_memory()
-    assert big._sender._flags.sum() == 0  # copied out: the worker may reuse its buffer at once
+    assert big.collate_fn._sender._flags.sum() == 0  # copied out: the worker may reuse its buffer at once
     assert digest([pinned.unpack()]) == digest([mb.build_batch(T.big_task, specs[0])])
     assert digest([inline.pin_memory().unpack()]) == digest([mb.build_batch(T.sinusoid, sinusoid_specs()[0])])
-    loader._forget({received.token, inline.token})
+    _transport.forget({received.token, inline.token})
 
 
 def shared_memory_state():
     """(open fds, mapped shared-memory segments, workers held) of this process."""
     with open("/proc/self/maps") as f:
         mapped = sum("/dev/shm/" in line for line in f)
-    return len(os.listdir("/proc/self/fd")), mapped, len(loader._REMOTES)
+    return len(os.listdir("/proc/self/fd")), mapped, len(_transport.REMOTES)
 
 
 def holders() -> str:
     """Who holds the shared tensors still alive in this process (for a failing leak check)."""
     alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_shared()]
     refs = [type(r).__name__ for o in alive for r in gc.get_referrers(o)]
-    return f"{len(alive)} shared tensors alive, held by {refs}; workers held: {loader._REMOTES}"
+    return f"{len(alive)} shared tensors alive, held by {refs}; workers held: {_transport.REMOTES}"
 
 
 def settles_to(state, seconds=5.0) -> bool:
@@ -255,7 +260,7 @@ def test_cut_short_epochs_with_persistent_workers():
         assert got == ref[:cut]
     del dl, batch
     gc.collect()
-    assert loader._REMOTES == {}
+    assert _transport.REMOTES == {}
 
 
 def test_small_batches_travel_inline_as_one_buffer():

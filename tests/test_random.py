@@ -128,3 +128,15 @@ def test_bad_arguments():
 def test_numpy_integer_seed_is_accepted():
     assert mbr.key(np.int64(3)) == mbr.key(3)
     assert mbr.fold_in(mbr.key(0), np.uint32(2)) == mbr.fold_in(mbr.key(0), 2)
+
+
+def test_key_from_data_inverts_key_data():
+    k = mb.random.split(mb.random.key(5))[1]
+    assert mb.random.key_from_data(mb.random.key_data(k)) == k
+    assert mb.random.key_from_data([2**64 - 1, 0]) == mb.random.key_from_data((2**64 - 1, 0))
+    with pytest.raises(TypeError, match=r"key_from_data\(\): data must be a pair"):
+        mb.random.key_from_data(5)
+    with pytest.raises(ValueError, match=r"key_from_data\(\): data must lie in \[0, 2\*\*64\), got -1"):
+        mb.random.key_from_data((-1, 0))
+    with pytest.raises(TypeError, match=r"key_from_data\(\): data must be an int"):
+        mb.random.key_from_data((1.0, 0))
