@@ -1,7 +1,16 @@
 import hashlib
 import io
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
 import stat
+import subprocess
 import sys
+import time
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -54,6 +63,19 @@ def zip_folder(folder: Path, dest: Path, top: str) -> Path:
     return dest
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """Every test gets its own user cache folder: nothing lands in ~/.cache."""
+    folder = tmp_path / "user-cache"
+    monkeypatch.setenv("METABATCH_CACHE", str(folder))
+    return folder
+
+
+def entries(folder: Path) -> list:
+    """The visible files of a cache folder (the hidden lock files aside)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+
+
 @pytest.fixture
 def tree(tmp_path):
     root = tmp_path / "data" / "images_background"
@@ -101,7 +123,7 @@ def test_cache_is_written_then_read_without_decoding(tree, tmp_path, monkeypatch
     _, zipped, _ = tree
     cache = tmp_path / "cache"
     first = omniglot.load(zipped, cache_dir=cache)
-    files = sorted(p.name for p in cache.iterdir())
+    files = entries(cache)
     assert len(files) == 2 and files[0].endswith(".28px-lanczos.json") and files[1].endswith(".npy")
     assert np.load(cache / files[1]).dtype == np.uint8
 
@@ -115,29 +137,96 @@ def test_cache_is_written_then_read_without_decoding(tree, tmp_path, monkeypatch
         omniglot.load(zipped, size=14, cache_dir=cache)
 
 
+def test_cached_images_are_a_read_only_memory_map_that_pickles_by_reference(tree, tmp_path):
+    _, zipped, _ = tree
+    data = omniglot.load(zipped, cache_dir=tmp_path / "cache")
+    assert isinstance(data.images, np.memmap) and isinstance(data.images, mb.tasks.MmapArray)
+    assert not data.images.flags.writeable
+    assert Path(data.images.filename).parent == tmp_path / "cache"
+    blob = pickle.dumps(mb.tasks.classification(data.images, ways=2))
+    assert len(blob) < 2000 < data.images.nbytes   # a reference to the file, not the pixels
+    clone = pickle.loads(blob)
+    assert isinstance(clone.classes, mb.tasks.MmapArray) and np.array_equal(clone.classes, data.images)
+    assert isinstance(omniglot.load(zipped, cache=False).images, np.ndarray)
+
+
 def test_cache_is_rebuilt_when_the_source_changes(tree, tmp_path):
     folder, zipped, _ = tree
     cache = tmp_path / "cache"
-    before = omniglot.load(zipped, cache_dir=cache)
+    before = np.array(omniglot.load(zipped, cache_dir=cache).images)
     write_png(folder / "Latin" / "character03" / "0005_01.png", ink(0, 0))
     zip_folder(folder, zipped, "images_background")
     after = omniglot.load(zipped, cache_dir=cache)
-    assert not np.array_equal(before.images[4, 0], after.images[4, 0])
+    assert not np.array_equal(before[4, 0], after.images[4, 0])
     assert np.array_equal(after.images[4, 0], omniglot.load(zipped, cache=False).images[4, 0])
 
 
-def test_cache_next_to_writable_data(tree, tmp_path, monkeypatch):
+def test_an_entry_of_another_size_copied_over_the_names_is_rebuilt(tree, tmp_path):
+    # the fault matrix: a 20 px pair copied over the 28 px names was returned for size=28
     _, zipped, _ = tree
-    monkeypatch.setenv("METABATCH_CACHE", str(tmp_path / "fallback"))
-    omniglot.load(zipped)
-    assert (zipped.parent / "images_background.28px-lanczos.npy").exists()
-    assert not (tmp_path / "fallback").exists()
+    cache = tmp_path / "cache"
+    omniglot.load(zipped, size=20, cache_dir=cache)
+    small = [cache / n for n in entries(cache)]
+    big = [p.with_name(p.name.replace("20px", "28px")) for p in small]
+    for a, b in zip(small, big):
+        shutil.copy(a, b)
+    data = omniglot.load(zipped, size=28, cache_dir=cache)
+    assert data.images.shape == (5, 3, 28, 28)
+    assert np.array_equal(data.images, omniglot.load(zipped, size=28, cache=False).images)
+    assert json.loads(big[0].read_text())["size"] == 28 and np.load(big[1]).shape == (5, 3, 28, 28)
 
 
-def test_read_only_data_folder_falls_back_to_the_cache_folder(tree, tmp_path, monkeypatch):
+def test_default_cache_is_the_user_cache_folder_not_the_data_folder(tree, user_cache, monkeypatch, caplog):
+    _, zipped, _ = tree
+    before = listing(zipped.parent)
+    with caplog.at_level(logging.INFO, logger="metabatch.tasks"):
+        omniglot.load(zipped)
+        omniglot.load(zipped)
+    assert listing(zipped.parent) == before  # a writable data folder is left alone
+    assert len(entries(user_cache / "omniglot")) == 2
+    said = [r.getMessage() for r in caplog.records if "cache lives in" in r.getMessage()]
+    assert said == [f"metabatch.tasks: the Omniglot cache lives in {user_cache / 'omniglot'} (set "
+                    f"METABATCH_CACHE or pass cache_dir= to move it)"]  # once
+    # without METABATCH_CACHE: $XDG_CACHE_HOME/metabatch, else ~/.cache/metabatch
+    monkeypatch.delenv("METABATCH_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(user_cache.parent / "xdg"))
+    omniglot.load(zipped, size=12)
+    assert len(entries(user_cache.parent / "xdg" / "metabatch" / "omniglot")) == 2
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(user_cache.parent / "home"))
+    omniglot.load(zipped, size=13)
+    assert len(entries(user_cache.parent / "home" / ".cache" / "metabatch" / "omniglot")) == 2
+    assert listing(zipped.parent) == before
+
+
+def test_cache_dir_pointing_at_the_data_folder_writes_there(tree):
+    _, zipped, _ = tree
+    omniglot.load(zipped, cache_dir=zipped.parent)
+    assert len(list(zipped.parent.glob("images_background-*.28px-lanczos.npy"))) == 1
+
+
+def test_an_old_cache_next_to_the_data_is_still_read_but_never_written(tree, tmp_path, user_cache, monkeypatch):
+    _, zipped, _ = tree
+    omniglot.load(zipped, cache_dir=tmp_path / "made")
+    for p in (tmp_path / "made").iterdir():  # what metabatch < 0.10 left beside the zip
+        if not p.name.startswith("."):
+            shutil.copy(p, zipped.parent / ("images_background.28px-lanczos" + p.suffix))
+    monkeypatch.setattr(omniglot, "_decode", lambda *a: pytest.fail("decoded although the old cache is valid"))
+    data = omniglot.load(zipped)
+    assert Path(data.images.filename) == zipped.parent / "images_background.28px-lanczos.npy"
+    assert entries(user_cache / "omniglot") == []
+    monkeypatch.undo()
+    monkeypatch.setenv("METABATCH_CACHE", str(user_cache))
+    old = zipped.parent / "images_background.28px-lanczos.json"  # stale now: another source
+    old.write_text(old.read_text().replace('"fingerprint": "', '"fingerprint": "0'))
+    before = listing(zipped.parent)
+    data = omniglot.load(zipped)
+    assert Path(data.images.filename).parent == user_cache / "omniglot" and listing(zipped.parent) == before
+
+
+def test_read_only_data_folder_is_left_alone(tree, user_cache):
     _, zipped, _ = tree
     data_dir = zipped.parent
-    monkeypatch.setenv("METABATCH_CACHE", str(tmp_path / "fallback"))
     before = listing(data_dir)
     mode = data_dir.stat().st_mode
     data_dir.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
@@ -146,10 +235,81 @@ def test_read_only_data_folder_falls_back_to_the_cache_folder(tree, tmp_path, mo
         again = omniglot.load(zipped)
     finally:
         data_dir.chmod(mode)
-    assert listing(data_dir) == before  # even root leaves an r-x folder alone
-    cached = sorted(p.name for p in (tmp_path / "fallback" / "omniglot").iterdir())
+    assert listing(data_dir) == before
+    cached = entries(user_cache / "omniglot")
     assert len(cached) == 2 and cached[0].startswith("images_background-")
     assert np.array_equal(first.images, again.images)
+
+
+def _sleep_forever():
+    time.sleep(600)
+
+
+def test_stale_temporaries_of_crashed_builds_are_removed_live_ones_kept(tree, tmp_path, monkeypatch):
+    _, zipped, _ = tree
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    live = multiprocessing.get_context("fork").Process(target=_sleep_forever, daemon=True)
+    live.start()
+    try:
+        host = omniglot._cache._host()
+        stem = "images_background-0123456789.28px-lanczos"
+        files = {
+            "dead": cache / f".{stem}.npy.{dead_pid}@{host}.tmp",         # its process is gone
+            "dead-old-name": cache / f".{stem}.json.{dead_pid}.tmp",      # metabatch < 0.10's name
+            "live": cache / f".{stem}.npy.{live.pid}@{host}.tmp",         # a build in progress
+            "elsewhere": cache / f".{stem}.npy.{dead_pid}@another-host.tmp",  # can't tell: recent, kept
+            "old": cache / f".{stem}.npy.{live.pid}@another-host.tmp",    # untouched for two days
+            "user": cache / "notes.tmp",                                  # not ours
+        }
+        for path in files.values():
+            path.write_bytes(b"x" * 100)
+        two_days = time.time() - 2 * 86400
+        os.utime(files["old"], (two_days, two_days))
+        omniglot.load(zipped, cache_dir=cache)
+        left = {k for k, p in files.items() if p.exists()}
+        assert left == {"live", "elsewhere", "user"}
+    finally:
+        live.kill()
+        live.join()
+
+
+def _load_in_child(zipped, cache, barrier, out):
+    omniglot._decode.__globals__["_decode"] = _slow(omniglot._decode)
+    barrier.wait()
+    data = omniglot.load(zipped, cache_dir=cache)
+    out.put((data.images._ident, pickle.dumps(data.images), np.asarray(data.images).tobytes()))
+
+
+def _slow(decode):
+    def slowly(*args):
+        time.sleep(0.02)
+        return decode(*args)
+    return slowly
+
+
+def test_concurrent_builds_share_one_intact_entry(tree, tmp_path):
+    _, zipped, _ = tree
+    cache = tmp_path / "cache"
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_load_in_child, args=(zipped, cache, barrier, out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(entries(cache)) == 2 and not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+    final = cache / entries(cache)[1]
+    expected = omniglot.load(zipped, cache=False).images.tobytes()
+    for ident, blob, pixels in results:
+        assert pixels == expected
+        assert ident[0] == final.stat().st_ino   # all three map the one entry that stayed...
+        assert pickle.loads(blob).tobytes() == expected  # ...so their references open here too
 
 
 def test_cache_dir_must_be_writable(tree, tmp_path):
@@ -174,6 +334,57 @@ def test_pillow_is_needed_only_to_decode(tree, tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="needs Pillow.*pip install pillow"):
         omniglot.load(zipped, cache=False)
     assert np.array_equal(omniglot.load(zipped, cache_dir=tmp_path / "cache").images, cached.images)
+
+
+def test_zip_members_with_dot_dot_or_absolute_names_write_nothing_outside_the_cache(tmp_path, user_cache):
+    root = tmp_path / "data"
+    zipped = root / "evil.zip"
+    root.mkdir()
+    png = io.BytesIO()
+    Image.fromarray(~ink(0, 1)).save(png, format="PNG")
+    with zipfile.ZipFile(zipped, "w") as z:
+        for i in range(2):
+            z.writestr(f"evil/../../Greek/character01/{i}.png", png.getvalue())
+            z.writestr(f"/abs/Latin/character01/{i}.png", png.getvalue())
+    before = listing(tmp_path)
+    data = omniglot.load(zipped)
+    assert data.images.shape == (1, 2, 28, 28) and data.alphabets == ("Latin",)  # '..' parts count as hidden
+    after = set(listing(tmp_path)) - set(before)
+    assert after and all(p.startswith("user-cache") for p in after)
+
+
+def test_damaged_zip_named_with_the_cache_on(tree, tmp_path):
+    _, zipped, _ = tree
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes(zipped.read_bytes()[: zipped.stat().st_size // 2])
+    for cache in (True, False):  # the cache's fingerprint read the zip first and raised a bare BadZipFile
+        with pytest.raises(ValueError, match=f"{truncated} is neither a folder nor a valid zip file.*truncated"):
+            omniglot.load(truncated, cache=cache)
+    damaged = tmp_path / "damaged.zip"  # a member's bytes flipped: its CRC fails
+    raw = bytearray(zipped.read_bytes())
+    with zipfile.ZipFile(zipped) as z:
+        info = z.getinfo("images_background/Latin/character03/0005_02.png")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start + 10] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{damaged}: cannot read the member "
+                                         f"images_background/Latin/character03/0005_02.png"):
+        omniglot.load(damaged)
+
+
+@pytest.mark.parametrize("damage", ["junk", "truncated"])
+def test_unreadable_png_names_the_zip_member(tree, tmp_path, damage):
+    folder, _, _ = tree
+    png = folder / "Greek" / "character02" / "0002_03.png"
+    png.write_bytes(b"not a png at all" if damage == "junk" else png.read_bytes()[:60])
+    zipped = zip_folder(folder, tmp_path / f"{damage}.zip", "images_background")
+    member = "images_background/Greek/character02/0002_03.png"
+    with pytest.raises(ValueError, match=f"cannot read the image {member} in {zipped} "
+                                         f"\\((UnidentifiedImageError|OSError|SyntaxError)"):
+        omniglot.load(zipped)
+    with pytest.raises(ValueError, match=f"cannot read the image {png}"):
+        omniglot.load(folder, cache=False)
+    assert entries(tmp_path / "user-cache" / "omniglot") == []  # no cache of a failed read
 
 
 def test_load_errors(tmp_path):
@@ -316,6 +527,45 @@ def test_download_logic_offline(tmp_path, monkeypatch):
         omniglot.download("all_runs.zip", tmp_path / "dl", sha256=digest)
     with pytest.raises(ValueError, match="unknown Omniglot file 'omniglot.zip'"):
         omniglot.download("omniglot.zip", tmp_path)
+
+
+def test_all_runs_zip_has_the_official_checksum(tmp_path, monkeypatch):
+    assert omniglot.SOURCES["all_runs.zip"].sha256 == (
+        "437c1eeab0af8484112e1b4cc0f3d541ec727f7c47b9b202da738af9dfd6c325")
+    payload = tmp_path / "served.zip"
+    payload.write_bytes(b"not the runs")
+    serve(monkeypatch, {omniglot.SOURCES["all_runs.zip"].url: payload})
+    with pytest.raises(ValueError, match="expected 437c1eea.*nothing was kept"):
+        omniglot.load_runs(tmp_path / "dl" / "all_runs.zip", download=True)
+    assert list((tmp_path / "dl").iterdir()) == []
+    (tmp_path / "all_runs.zip").write_bytes(b"a damaged copy")  # already there: checked with download=True
+    with pytest.raises(ValueError, match="exists but its sha256 is .*not 437c1eea"):
+        omniglot.load_runs(tmp_path / "all_runs.zip", download=True)
+
+
+def test_load_with_download_checks_a_zip_already_there(omniglot_dir, tmp_path, monkeypatch):
+    asked = serve(monkeypatch, {})
+    good = tmp_path / SMALL1
+    shutil.copy(omniglot_dir / SMALL1, good)
+    assert omniglot.load(good, download=True, size=8).images.shape == (136, 20, 8, 8) and asked == []
+    bad = tmp_path / "bad" / SMALL1
+    bad.parent.mkdir()
+    bad.write_bytes((omniglot_dir / SMALL2).read_bytes())  # a valid zip, but not the official small1
+    with pytest.raises(ValueError, match=f"{bad} exists but its sha256 is 3ccaa407.*not f38eb80f"):
+        omniglot.load(bad, download=True)
+    assert omniglot.load(bad, size=8).images.shape == (156, 20, 8, 8)  # without download=True: not checked
+
+
+def test_offline_download_names_the_url(tmp_path, monkeypatch):
+    def offline(url, timeout=None):
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(omniglot, "_urlopen", offline)
+    url = omniglot.SOURCES[SMALL2].url
+    with pytest.raises(OSError, match=f"could not fetch {url} \\(URLError: .*name resolution\\); nothing was "
+                                      f"kept. Check the network"):
+        omniglot.load(tmp_path / SMALL2, download=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_download_leaves_nothing(tmp_path, monkeypatch):

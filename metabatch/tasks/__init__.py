@@ -1,15 +1,21 @@
-"""Ready task families: ``sample_task`` functions for :func:`metabatch.task_loader`.
+"""Ready task families: `sample_task` functions for `metabatch.task_loader`.
 
-- :func:`sinusoid`: sine-wave regression (Finn et al. 2017).
-- :func:`gp`: 1-D Gaussian-process functions, for neural processes.
-- :func:`classification`: N-way K-shot classification over any class array.
-- :mod:`metabatch.tasks.omniglot`: Omniglot from its official zips or folders,
+- `sinusoid`: sine-wave regression (Finn et al. 2017).
+- `gp`: 1-D Gaussian-process functions, for neural processes.
+- `classification`: N-way K-shot classification over any class array
+  (equal class sizes, or a flat array with one label per example).
+- `metabatch.tasks.omniglot`: Omniglot from its official zips or folders,
   and Lake et al.'s one-shot classification runs.
-- :mod:`metabatch.tasks.miniimagenet`: mini-ImageNet in Ravi & Larochelle's
-  split (``images/`` plus ``train.csv``, ``val.csv``, ``test.csv``).
+- `metabatch.tasks.miniimagenet`: mini-ImageNet in Ravi & Larochelle's
+  split (`images/` plus `train.csv`, `val.csv`, `test.csv`).
+- `metabatch.tasks.tieredimagenet`: tiered-ImageNet (Ren et al. 2018), from
+  per-split class folders or from the widely shared per-split pickle files.
+- `mmap_array` / `MmapArray`: big arrays that loader workers share instead of
+  copying (memory-mapped `.npy` files that pickle by reference); the readers'
+  caches come back as such arrays.
 
 Every family takes all its randomness from the task key, so a batch depends
-only on ``(seed, step)``, never on the number of loader workers.
+only on `(seed, step)`, never on the number of loader workers.
 
 Examples:
     >>> import metabatch as mb
@@ -19,8 +25,10 @@ Examples:
     (25, 10, 1)
 """
 
-from . import miniimagenet, omniglot
+from . import miniimagenet, omniglot, tieredimagenet
 from .classification import Classification, classification
+from .mapped import MmapArray, mmap_array
 from .regression import GP, gp, sinusoid
 
-__all__ = ["GP", "Classification", "classification", "gp", "miniimagenet", "omniglot", "sinusoid"]
+__all__ = ["GP", "Classification", "MmapArray", "classification", "gp", "miniimagenet", "mmap_array",
+           "omniglot", "sinusoid", "tieredimagenet"]

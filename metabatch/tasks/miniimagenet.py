@@ -18,10 +18,12 @@ K-shot ``sample_task`` for :func:`metabatch.task_loader`: it is
 normalisation that MAML-Pytorch (dragen1860) applies.
 
 The resized array is cached as a uint8 ``.npy`` (plus a ``.json`` of class
-names) next to the csv files, one per split and size, or, where that folder is
-read-only, in ``$METABATCH_CACHE/miniimagenet`` (default
-``~/.cache/metabatch/miniimagenet``), or in the ``cache_dir`` you pass. Pillow
-decodes the JPEGs; it is needed only to build a cache.
+names), one per split, size and filter, in the user cache folder
+(``$METABATCH_CACHE/miniimagenet``, else ``$XDG_CACHE_HOME/metabatch/miniimagenet``,
+else ``~/.cache/metabatch/miniimagenet``) or in the ``cache_dir`` you pass,
+and read back memory-mapped (`metabatch.tasks.MmapArray`): loader workers
+share it instead of copying it. Pillow decodes the JPEGs; it is needed only
+to build a cache.
 
 Cite: Vinyals et al. (2016), Matching networks for one shot learning, NeurIPS;
 Ravi & Larochelle (2017), Optimization as a model for few-shot learning, ICLR.
@@ -29,11 +31,9 @@ Ravi & Larochelle (2017), Optimization as a model for few-shot learning, ICLR.
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import dataclasses
 import hashlib
-import io
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -41,9 +41,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import random as _random
-from . import _cache
+from . import _cache, _common
 from .classification import Classification, classification
-from .omniglot import _check_resample
 
 __all__ = ["MEAN", "STD", "MiniImagenet", "Sampler", "load", "sampler"]
 
@@ -71,13 +70,7 @@ class MiniImagenet(NamedTuple):
 
 
 def _check_size(size) -> int | None:
-    if size is None:
-        return None
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-        raise TypeError(f"size must be an int or None (keep the stored size), got {size!r}.")
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}.")
-    return int(size)
+    return _common.check_size(size, "the stored size")
 
 
 def _check_split(split) -> str:
@@ -113,25 +106,18 @@ def _read_csv(path: Path) -> tuple[list, list]:
 
 def _decode(path: Path, size: int | None, resample: str) -> np.ndarray:
     """One image file -> uint8 ``[3, H, W]`` RGB, resized to ``size x size``."""
-    Image = _cache.pil("miniimagenet", "JPEG files")
+    _common.pil("miniimagenet", "JPEG files")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path.name} is listed in the csv but {path} does not exist; restore the "
                                 f"image or remove its row from the csv.") from None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), getattr(Image.Resampling, resample.upper()))
-            rgb = np.asarray(im, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot read the image {path} ({type(err).__name__}: {err}); replace the file "
-                         f"with a valid JPEG or remove its row from the csv.") from None
-    return rgb.transpose(2, 0, 1)
+    return _common.rgb(data, size, resample, "miniimagenet", str(path),
+                       "replace the file with a valid JPEG or remove its row from the csv")
 
 
-def _read_split(root: Path, csv_path: Path, size: int | None, resample: str) -> MiniImagenet:
+def _read_split(root: Path, csv_path: Path, size: int | None, resample: str, new_sink) -> dict:
+    """Decode the split's images into ``new_sink((num_classes, per_class))``; returns the class names."""
     classes, files = _read_csv(csv_path)
     counts = [len(f) for f in files]
     common = max(set(counts), key=counts.count)
@@ -148,20 +134,14 @@ def _read_split(root: Path, csv_path: Path, size: int | None, resample: str) -> 
         raise FileNotFoundError(f"{csv_path} lists {missing[0].name}, but {where} ({len(missing)} of the "
                                 f"{len(paths)} listed images are missing); restore the images or remove "
                                 f"their rows from the csv.")
-    pool = concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # decodes without the GIL
-    try:
-        decoded = pool.map(lambda p: _decode(p, size, resample), paths)
-        images = None
-        for i, (path, rgb) in enumerate(zip(paths, decoded)):
-            if images is None:
-                images = np.empty((len(classes), common) + rgb.shape, np.uint8)
-            if rgb.shape != images.shape[2:]:
-                raise ValueError(f"{path} is {rgb.shape[2]}x{rgb.shape[1]} but earlier images are "
-                                 f"{images.shape[4]}x{images.shape[3]}; pass size=... to resize them all.")
-            images[divmod(i, common)] = rgb
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return MiniImagenet(images, tuple(classes))
+    out = new_sink((len(classes), common))
+    for path, rgb in zip(paths, _common.threaded_map(lambda p: _decode(p, size, resample), paths)):
+        if out.item_shape is not None and rgb.shape != out.item_shape:
+            first = out.item_shape
+            raise ValueError(f"{path} is {rgb.shape[2]}x{rgb.shape[1]} but earlier images are "
+                             f"{first[2]}x{first[1]}; pass size=... to resize them all.")
+        out.append(rgb)
+    return {"classes": list(classes)}
 
 
 def _fingerprint(root: Path, csv_path: Path) -> str:
@@ -183,11 +163,9 @@ def _fingerprint(root: Path, csv_path: Path) -> str:
 
 def _from_cache(images: np.ndarray, info: dict) -> MiniImagenet | None:
     data = MiniImagenet(images, tuple(info["classes"]))
-    return data if images.ndim == 5 and len(images) == len(data.classes) else None
-
-
-def _to_cache(data: MiniImagenet) -> tuple[np.ndarray, dict]:
-    return data.images, {"classes": list(data.classes)}
+    size = info.get("size")
+    fits = images.ndim == 5 and (size is None or images.shape[3:] == (size, size))
+    return data if fits and len(images) == len(data.classes) else None
 
 
 def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample: str = "bilinear",
@@ -198,11 +176,14 @@ def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample
     converted to RGB and resized to ``size x size`` with Pillow's ``resample``
     filter (bilinear by default, what ``torchvision.transforms.Resize`` and so
     MAML-Pytorch use). The first call decodes every image (about 2 ms each, on up
-    to 8 threads; the training split holds 38 400) and caches the array; later calls read the
-    cache. A cache is used only while its source is unchanged (same csv bytes,
-    same size and time of every listed image); it is written to a temporary
-    file and renamed into place, and a damaged or half-written cache is
-    rebuilt, never trusted.
+    to 8 threads; the training split holds 38 400) and caches the array; later calls map the
+    cache. A cache is used only while it matches the request (same csv bytes,
+    same size and time of every listed image, same size and filter); it is
+    streamed to a temporary file (a build holds a few hundred images in
+    memory, not the split) and renamed into place, and a damaged, stale or
+    half-written cache is rebuilt, never trusted. With the cache on,
+    ``images`` is a read-only `metabatch.tasks.MmapArray`: loader workers
+    under any start method share it with the main process.
 
     Args:
         root: the folder holding ``images/`` and the csv files.
@@ -212,12 +193,15 @@ def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample
             images must then have the same size).
         resample: ``"bilinear"``, ``"lanczos"``, ``"box"``, ``"bicubic"``,
             ``"hamming"`` or ``"nearest"``.
-        cache: read and write the cache; ``False`` always decodes.
-        cache_dir: where the cache lives (created if missing). ``None``: next
-            to the csv files as ``<split>.<size>px-<resample>.npy`` / ``.json``,
-            or, if ``root`` is read-only (not writable, or without any write
-            bit), ``$METABATCH_CACHE/miniimagenet``, by default
-            ``~/.cache/metabatch/miniimagenet``.
+        cache: read and write the cache; ``False`` always decodes, into memory.
+        cache_dir: the folder of the cache (created if missing). ``None``:
+            ``$METABATCH_CACHE/miniimagenet``, else
+            ``$XDG_CACHE_HOME/metabatch/miniimagenet``, else
+            ``~/.cache/metabatch/miniimagenet``; logged once (logger
+            ``metabatch.tasks``, level INFO). Nothing is written into
+            ``root`` unless ``cache_dir`` points there; a cache that metabatch
+            < 0.10 wrote next to the csv files
+            (``<split>.<size>px-<resample>.npy``) is still read while it matches.
 
     Returns:
         A :class:`MiniImagenet` ``(images, classes)``.
@@ -250,7 +234,7 @@ def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample
         ((2, 3, 3, 84, 84), dtype('uint8'), ('n02110063', 'n01532829'))
     """
     root = Path(root).expanduser()
-    split, size, resample = _check_split(split), _check_size(size), _check_resample(resample)
+    split, size, resample = _check_split(split), _check_size(size), _common.check_resample(resample)
     if not root.is_dir():
         raise FileNotFoundError(f"no mini-ImageNet folder at {root}; pass the folder that holds images/ "
                                 f"and train.csv, val.csv, test.csv.")
@@ -261,15 +245,19 @@ def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample
         raise FileNotFoundError(f"no {split}.csv in {root} ({have}); mini-ImageNet needs the Ravi & "
                                 f"Larochelle layout: images/*.jpg plus train.csv, val.csv and test.csv "
                                 f"with a 'filename,label' header.")
+
+    def build(new_sink):
+        return _read_split(root, csv_path, size, resample, new_sink)
+
     if not cache:
-        return _read_split(root, csv_path, size, resample)
-    tag = f"{size or 'full'}px-{resample}"
-    stems = _cache.stems(root, root / f"{split}.{tag}", root.resolve().name or "root", f"{split}.{tag}",
-                         "miniimagenet", cache_dir)
-    info = {"source": str(csv_path.resolve()), "split": split, "size": size, "resample": resample}
-    return _cache.cached(stems, fmt=_CACHE_FORMAT, fingerprint=_fingerprint(root, csv_path),
-                         build=lambda: _read_split(root, csv_path, size, resample), encode=_to_cache,
-                         decode=_from_cache, info=info, what="mini-ImageNet", cache_dir=cache_dir)
+        images, meta = _cache.collect(build)
+        return MiniImagenet(images, tuple(meta["classes"]))
+    tag = f"{split}.{size or 'full'}px-{resample}"
+    request = {"format": _CACHE_FORMAT, "fingerprint": _fingerprint(root, csv_path),
+               "source": str(csv_path.resolve()), "split": split, "size": size, "resample": resample}
+    stem = _cache.stem(root, root.resolve().name or "root", tag, "miniimagenet", cache_dir)
+    return _cache.cached(stem, request=request, build=build, decode=_from_cache, what="mini-ImageNet",
+                         explicit=cache_dir is not None, legacy=root / tag)
 
 
 # -- tasks ----------------------------------------------------------------------------------------
@@ -307,18 +295,6 @@ class Sampler:
                 x -= self.mean  # x is a fresh float32 array: normalise it in place
                 x /= self.std
         return task
-
-
-def _channel_stats(values, name: str, channels: int) -> np.ndarray:
-    try:
-        out = np.asarray(values, dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError):
-        raise TypeError(f"sampler(): {name} must be {channels} numbers, got {values!r}.") from None
-    if out.shape != (channels,) or not np.all(np.isfinite(out)):
-        raise ValueError(f"sampler(): {name} must be {channels} finite numbers (one per channel of the "
-                         f"images), got {values!r}; pass normalize=(mean, std) with {channels} values each, "
-                         f"or normalize=False.")
-    return out.reshape(channels, 1, 1)
 
 
 def sampler(images: MiniImagenet | np.ndarray, ways: int, *, normalize: bool | tuple = True,
@@ -374,17 +350,6 @@ def sampler(images: MiniImagenet | np.ndarray, ways: int, *, normalize: bool | t
     if array.ndim != 5:
         raise ValueError(f"sampler(): images must have shape [num_classes, images_per_class, C, H, W], got "
                          f"{array.shape}.")
-    channels = array.shape[2]
-    if normalize is True:
-        normalize = (MEAN, STD)
-    if normalize is False:
-        mean = std = None
-    elif isinstance(normalize, tuple) and len(normalize) == 2:
-        mean, std = (_channel_stats(v, n, channels) for v, n in zip(normalize, ("mean", "std")))
-        if np.any(std == 0):
-            raise ValueError(f"sampler(): std must not contain 0, got {normalize[1]!r}.")
-    else:
-        raise TypeError(f"sampler(): normalize must be True (ImageNet MEAN/STD), False or a pair "
-                        f"(mean, std), got {normalize!r}.")
+    mean, std = _common.normalization(normalize, (MEAN, STD), array.shape[2], "sampler")
     tasks = classification(array, ways, shuffle=shuffle, info=info)
     return Sampler(tasks, mean, std)

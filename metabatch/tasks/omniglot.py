@@ -9,9 +9,11 @@ that you can split by alphabet with :func:`select`. Feed ``data.images`` to
 :func:`metabatch.tasks.classification` for N-way K-shot tasks.
 
 The resized array is cached as a uint8 ``.npy`` (plus a ``.json`` of names)
-next to the data, or, where that folder is read-only, in
-``$METABATCH_CACHE/omniglot`` (default ``~/.cache/metabatch/omniglot``), or
-in the ``cache_dir`` you pass. Pillow decodes the PNG files; it is needed only to build a cache.
+in the user cache folder, ``$METABATCH_CACHE/omniglot`` (else
+``$XDG_CACHE_HOME/metabatch/omniglot``, else ``~/.cache/metabatch/omniglot``),
+or in the ``cache_dir`` you pass, and read back memory-mapped: ``images`` is a
+read-only `metabatch.tasks.MmapArray` that loader workers share instead of
+copying. Pillow decodes the PNG files; it is needed only to build a cache.
 
 :func:`load_runs` reads the 20 one-shot classification runs of Lake et al.
 (``all_runs.zip``: ``runXX/training/classNN.png``, ``runXX/test/itemNN.png``,
@@ -27,9 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import operator
 import os
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -37,8 +39,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import _cache
-from .classification import _item_shape, _to_float
+from . import _cache, _common
 
 __all__ = [
     "SOURCES",
@@ -73,7 +74,7 @@ _BASE = "https://github.com/brendenlake/omniglot/raw/master/python/"
 
 #: The official files. The four image zips' checksums are those that TensorFlow Datasets
 #: pins for the same URLs (the two small zips were verified against local copies);
-#: ``all_runs.zip`` has no published checksum: pass ``download(..., sha256=...)`` to pin one.
+#: ``all_runs.zip``'s is that of the file in the repository's python/one-shot-classification/.
 SOURCES = {
     "images_background.zip": Source(
         _BASE + "images_background.zip",
@@ -87,7 +88,9 @@ SOURCES = {
     "images_background_small2.zip": Source(
         _BASE + "images_background_small2.zip",
         "3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f", 1580917),
-    "all_runs.zip": Source(_BASE + "one-shot-classification/all_runs.zip", None, None),
+    "all_runs.zip": Source(
+        _BASE + "one-shot-classification/all_runs.zip",
+        "437c1eeab0af8484112e1b4cc0f3d541ec727f7c47b9b202da738af9dfd6c325", None),
 }
 
 def _urlopen(url: str, timeout: float):
@@ -96,7 +99,6 @@ def _urlopen(url: str, timeout: float):
 
     return urllib.request.urlopen(url, timeout=timeout)
 
-_RESAMPLE = ("lanczos", "box", "bilinear", "bicubic", "hamming", "nearest")
 _CACHE_FORMAT = 1
 
 
@@ -117,34 +119,51 @@ class Omniglot(NamedTuple):
 
 
 def _check_size(size) -> int | None:
-    if size is None:
-        return None
-    if isinstance(size, bool):
-        raise TypeError(f"size must be an int or None (keep 105x105), got {size!r}.")
-    try:
-        size = operator.index(size)
-    except TypeError:
-        raise TypeError(f"size must be an int or None (keep 105x105), got {size!r}.") from None
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}.")
-    return size
+    return _common.check_size(size, "105x105")
 
 
 def _check_resample(resample) -> str:
-    if resample not in _RESAMPLE:
-        raise ValueError(f"resample must be one of {', '.join(map(repr, _RESAMPLE))}, got {resample!r}.")
-    return resample
+    return _common.check_resample(resample)
 
 
-def _decode(data: bytes, size: int | None, resample: str) -> np.ndarray:
-    """One PNG -> uint8 (ink 255), resized to ``size x size`` with Pillow's ``resample`` filter."""
-    Image = _cache.pil("omniglot", "Omniglot PNG files")
-    with Image.open(io.BytesIO(data)) as im:
-        ink = 255 - np.asarray(im.convert("L"), dtype=np.uint8)
+def _decode(data: bytes, size: int | None, resample: str, where: str = "") -> np.ndarray:
+    """One PNG -> uint8 (ink 255), resized to ``size x size`` with Pillow's ``resample`` filter.
+
+    Raises:
+        ValueError: Pillow cannot read it (junk, truncated): the message names ``where``.
+    """
+    Image = _common.pil("omniglot", "Omniglot PNG files")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            ink = 255 - np.asarray(im.convert("L"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read the image {where or 'given'} ({type(err).__name__}: {err}); the data "
+                         f"is damaged: fetch the official file again (download=True checks its sha256) or "
+                         f"replace that image.") from None
     if size is not None and ink.shape != (size, size):
         filt = getattr(Image.Resampling, resample.upper())
         ink = np.asarray(Image.fromarray(ink).resize((size, size), filt), dtype=np.uint8)
     return ink
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{path} is neither a folder nor a valid zip file ({err}); it may be truncated or "
+                         f"damaged: fetch it again (download=True checks the official sha256), or pass its "
+                         f"unpacked alphabet/character/*.png folder.") from None
+
+
+def _member_reader(archive: zipfile.ZipFile, path: Path) -> Callable[[str], bytes]:
+    """``archive.read``, with damaged members named."""
+    def read(name: str) -> bytes:
+        try:
+            return archive.read(name)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as err:
+            raise ValueError(f"{path}: cannot read the member {name} ({type(err).__name__}: {err}); the zip is "
+                             f"damaged: fetch it again (download=True checks the official sha256).") from None
+    return read
 
 
 # -- reading a zip or a folder ------------------------------------------------------------------
@@ -159,19 +178,16 @@ def _pngs(path: Path) -> tuple[dict, Callable[[str], bytes], Callable[[], None]]
             parts = (path.name,) + p.relative_to(path).parts
             groups.setdefault((parts[-3], parts[-2]), []).append(str(p))
         return groups, lambda name: Path(name).read_bytes(), lambda: None
-    try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as err:
-        raise ValueError(f"{path} is neither a folder nor a valid zip file ({err}); pass an official "
-                         f"Omniglot zip or its unpacked alphabet/character/*.png folder.") from None
+    archive = _open_zip(path)
     for name in archive.namelist():
         parts = (path.stem,) + PurePosixPath(name).parts
         if name.lower().endswith(".png") and not any(p.startswith((".", "__MACOSX")) for p in parts[1:]):
             groups.setdefault((parts[-3], parts[-2]), []).append(name)
-    return groups, archive.read, archive.close
+    return groups, _member_reader(archive, path), archive.close
 
 
-def _read_source(path: Path, size: int | None, resample: str) -> Omniglot:
+def _read_source(path: Path, size: int | None, resample: str, new_sink: Callable) -> dict:
+    """Decode every PNG into ``new_sink((num_classes, per_class))``; returns the class names."""
     groups, read, close = _pngs(path)
     try:
         if not groups:
@@ -186,20 +202,20 @@ def _read_source(path: Path, size: int | None, resample: str) -> Omniglot:
             raise ValueError(f"{path}: character {a}/{c} has {counts[odd[0]]} images but most have "
                              f"{common}; every class needs the same number of examples (remove or "
                              f"complete the {len(odd)} odd character folder(s)).")
-        images = None
-        for i, k in enumerate(keys):
-            for j, name in enumerate(sorted(groups[k])):
-                ink = _decode(read(name), size, resample)
-                if images is None:
-                    images = np.empty((len(keys), common) + ink.shape, np.uint8)
-                if ink.shape != images.shape[2:]:
+        out = new_sink((len(keys), common))
+        folder = path.is_dir()
+        for k in keys:
+            for name in sorted(groups[k]):
+                where = name if folder else f"{name} in {path}"
+                ink = _decode(read(name), size, resample, where)
+                if out.item_shape is not None and ink.shape != out.item_shape:
+                    first = out.item_shape
                     raise ValueError(f"{path}: {name} is {ink.shape[1]}x{ink.shape[0]} but earlier images "
-                                     f"are {images.shape[3]}x{images.shape[2]}; pass size=... to resize "
-                                     f"them all.")
-                images[i, j] = ink
+                                     f"are {first[1]}x{first[0]}; pass size=... to resize them all.")
+                out.append(ink)
     finally:
         close()
-    return Omniglot(images, tuple(a for a, _ in keys), tuple(c for _, c in keys))
+    return {"alphabets": [a for a, _ in keys], "characters": [c for _, c in keys]}
 
 
 def _fingerprint(path: Path) -> str:
@@ -210,7 +226,7 @@ def _fingerprint(path: Path) -> str:
             st = p.stat()
             h.update(f"{p.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     else:
-        with zipfile.ZipFile(path) as archive:
+        with _open_zip(path) as archive:
             for info in archive.infolist():
                 h.update(f"{info.filename}:{info.CRC}:{info.file_size}\n".encode())
     return h.hexdigest()
@@ -220,11 +236,9 @@ def _fingerprint(path: Path) -> str:
 
 def _from_cache(images: np.ndarray, info: dict) -> Omniglot | None:
     data = Omniglot(images, tuple(info["alphabets"]), tuple(info["characters"]))
-    return data if images.ndim == 4 and len(images) == len(data.alphabets) == len(data.characters) else None
-
-
-def _to_cache(data: Omniglot) -> tuple[np.ndarray, dict]:
-    return data.images, {"alphabets": list(data.alphabets), "characters": list(data.characters)}
+    size = info.get("size")
+    fits = images.ndim == 4 and (size is None or images.shape[2:] == (size, size))
+    return data if fits and len(images) == len(data.alphabets) == len(data.characters) else None
 
 
 def load(path: str | os.PathLike, *, size: int | None = 28, resample: str = "lanczos", cache: bool = True,
@@ -234,9 +248,14 @@ def load(path: str | os.PathLike, *, size: int | None = 28, resample: str = "lan
     Images are inverted (ink 255 on paper 0, as models expect) and resized
     with Pillow's ``resample`` filter (Lanczos, as in Finn et al.'s MAML
     preprocessing). The first call decodes every PNG (a few seconds for
-    ``images_background.zip``) and caches the result; later calls read the
-    cache (milliseconds). A cache is used only while the source is unchanged
-    (same zip directory, or same file sizes and times in a folder).
+    ``images_background.zip``) and caches the result; later calls map the
+    cache (milliseconds). A cache is used only while it matches the request
+    (same source: zip directory, or file sizes and times in a folder; same
+    size and filter); anything else is rebuilt.
+
+    With the cache on, ``images`` is a read-only `metabatch.tasks.MmapArray`
+    of the cache file: loader workers under any start method share it with
+    the main process instead of copying it.
 
     Args:
         path: a zip (``images_background.zip``, ``images_evaluation.zip``,
@@ -245,24 +264,27 @@ def load(path: str | os.PathLike, *, size: int | None = 28, resample: str = "lan
         size: the output side in pixels; ``None`` keeps 105x105.
         resample: ``"lanczos"``, ``"box"``, ``"bilinear"``, ``"bicubic"``,
             ``"hamming"`` or ``"nearest"``.
-        cache: read and write the cache; ``False`` always decodes.
-        cache_dir: where the cache lives (created if missing). ``None``: next
-            to the data, or, if that folder is read-only (not writable, or
-            without any write bit, as shared data folders are: left alone
-            even by root), ``$METABATCH_CACHE/omniglot``, by default
-            ``~/.cache/metabatch/omniglot``.
-        download: if ``path`` is missing and named like an official file, fetch
-            it there first with :func:`download`.
+        cache: read and write the cache; ``False`` always decodes, into memory.
+        cache_dir: the folder of the cache (created if missing). ``None``:
+            ``$METABATCH_CACHE/omniglot``, else
+            ``$XDG_CACHE_HOME/metabatch/omniglot``, else
+            ``~/.cache/metabatch/omniglot``; logged once (logger
+            ``metabatch.tasks``, level INFO). Nothing is written next to the
+            data unless ``cache_dir`` points there; a cache that metabatch <
+            0.10 wrote next to the data is still read while it matches.
+        download: fetch ``path`` first with `download` if it is missing and
+            named like an official file; if it is there, check its sha256.
 
     Returns:
-        An :class:`Omniglot` ``(images, alphabets, characters)``.
+        An `Omniglot` ``(images, alphabets, characters)``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist (and ``download`` is off).
         ValueError: no PNG files, characters with different numbers of images,
-            a bad ``size`` or ``resample``.
+            a damaged zip or image (named), a file whose sha256 does not match
+            (with ``download=True``), a bad ``size`` or ``resample``.
         ImportError: Pillow is missing and there is no cache to read.
-        OSError: ``cache_dir`` was given but cannot be written.
+        OSError: ``cache_dir`` was given but cannot be written; a failed download.
 
     Examples:
         >>> import tempfile, pathlib, numpy as np
@@ -270,32 +292,36 @@ def load(path: str | os.PathLike, *, size: int | None = 28, resample: str = "lan
         >>> from metabatch.tasks import omniglot
         >>> with tempfile.TemporaryDirectory() as tmp:   # 2 alphabets x 1 character x 3 drawers
         ...     for alphabet in ("Greek", "Latin"):
-        ...         folder = pathlib.Path(tmp, alphabet, "character01")
+        ...         folder = pathlib.Path(tmp, "omniglot", alphabet, "character01")
         ...         folder.mkdir(parents=True)
         ...         for i in range(3):
         ...             Image.new("1", (105, 105), 1).save(folder / f"0001_0{i}.png")
-        ...     data = omniglot.load(tmp, size=28, cache=False)
-        >>> data.images.shape, data.images.dtype, data.alphabets
-        ((2, 3, 28, 28), dtype('uint8'), ('Greek', 'Latin'))
+        ...     data = omniglot.load(pathlib.Path(tmp, "omniglot"), size=28, cache_dir=pathlib.Path(tmp, "cache"))
+        ...     print(data.images.shape, data.images.dtype, type(data.images).__name__, data.alphabets)
+        (2, 3, 28, 28) uint8 MmapArray ('Greek', 'Latin')
     """
     path = Path(path).expanduser()
     size, resample = _check_size(size), _check_resample(resample)
-    if not path.exists():
-        if download and path.name in SOURCES:
-            _download(path.name, path.parent)
-        else:
-            hint = (f" Pass download=True to fetch it from {SOURCES[path.name].url}."
-                    if path.name in SOURCES else "")
-            raise FileNotFoundError(f"no Omniglot zip or folder at {path}.{hint}")
+    if download and path.name in SOURCES:
+        _download(path.name, path.parent)  # fetches a missing file, checks one that is there
+    elif not path.exists():
+        hint = (f" Pass download=True to fetch it from {SOURCES[path.name].url}."
+                if path.name in SOURCES else "")
+        raise FileNotFoundError(f"no Omniglot zip or folder at {path}.{hint}")
+
+    def build(new_sink):
+        return _read_source(path, size, resample, new_sink)
+
     if not cache:
-        return _read_source(path, size, resample)
+        images, meta = _cache.collect(build)
+        return Omniglot(images, tuple(meta["alphabets"]), tuple(meta["characters"]))
     name = path.name[:-4] if path.name.lower().endswith(".zip") else path.name
     tag = f"{size or 'full'}px-{resample}"
-    stems = _cache.stems(path, path.parent / f"{name}.{tag}", name, tag, "omniglot", cache_dir)
-    info = {"source": str(path.resolve()), "size": size, "resample": resample, "ink": 255}
-    return _cache.cached(stems, fmt=_CACHE_FORMAT, fingerprint=_fingerprint(path),
-                         build=lambda: _read_source(path, size, resample), encode=_to_cache, decode=_from_cache,
-                         info=info, what="Omniglot", cache_dir=cache_dir)
+    request = {"format": _CACHE_FORMAT, "fingerprint": _fingerprint(path), "source": str(path.resolve()),
+               "size": size, "resample": resample, "ink": 255}
+    return _cache.cached(_cache.stem(path, name, tag, "omniglot", cache_dir), request=request, build=build,
+                         decode=_from_cache, what="Omniglot", explicit=cache_dir is not None,
+                         legacy=path.parent / f"{name}.{tag}")
 
 
 def select(data: Omniglot, alphabets: Sequence[str] | None = None, *,
@@ -402,8 +428,8 @@ def download(name: str, root: str | os.PathLike = ".", *, sha256: str | None = N
             ``"images_evaluation.zip"``, ``"images_background_small1.zip"``,
             ``"images_background_small2.zip"``, ``"all_runs.zip"``.
         root: the destination folder (created if missing).
-        sha256: the expected hex sha256, overriding the table (needed to
-            check ``all_runs.zip``, which has no published checksum).
+        sha256: the expected hex sha256, overriding the table (for a copy
+            that differs from the official file).
         timeout: seconds to wait for the server.
 
     Returns:
@@ -445,11 +471,18 @@ def _download(name: str, root, *, sha256: str | None = None, timeout: float = 60
     tmp = root / f".{name}.{os.getpid()}.part"
     h, nbytes = hashlib.sha256(), 0
     try:
-        with _urlopen(source.url, timeout=timeout) as response, open(tmp, "wb") as f:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                h.update(chunk)
-                f.write(chunk)
-                nbytes += len(chunk)
+        with open(tmp, "wb") as f:
+            try:
+                with _urlopen(source.url, timeout=timeout) as response:
+                    for chunk in iter(lambda: response.read(1 << 20), b""):
+                        h.update(chunk)
+                        f.write(chunk)
+                        nbytes += len(chunk)
+            except OSError as err:  # URLError, timeouts, refused connections, a full disk
+                reason = getattr(err, "reason", None) or err
+                raise OSError(f"download(): could not fetch {source.url} ({type(err).__name__}: {reason}); "
+                              f"nothing was kept. Check the network and retry, or fetch the file by hand "
+                              f"into {root}.") from err
         if sha256 is None and source.size is not None and nbytes != source.size:
             raise ValueError(f"download(): {source.url} gave {nbytes} bytes, expected {source.size}; "
                              f"nothing was kept. Retry, or fetch it by hand into {root}.")
@@ -494,7 +527,7 @@ def _tail(entry: str) -> str:
 
 
 def _read_run(name: str, labels_text: str, training_files: list, read: Callable[[str], bytes],
-              size, resample) -> Run:
+              size, resample, name_of: Callable[[str], str]) -> Run:
     pairs = [line.split() for line in labels_text.splitlines() if line.strip()]
     if not pairs or any(len(p) != 2 for p in pairs):
         raise ValueError(f"{name}/class_labels.txt must hold lines 'test/itemNN.png training/classNN.png'.")
@@ -503,7 +536,7 @@ def _read_run(name: str, labels_text: str, training_files: list, read: Callable[
     training = sorted(set(answer.values()) | set(training_files))  # unused classes are choices too
     where = {c: i for i, c in enumerate(training)}
     labels = np.array([where[answer[t]] for t in test], dtype=np.int64)
-    load_all = lambda files: np.stack([_decode(read(f), size, resample) for f in files])
+    load_all = lambda files: np.stack([_decode(read(f), size, resample, name_of(f)) for f in files])
     return Run(name, load_all(training), load_all(test), labels)
 
 
@@ -518,14 +551,18 @@ def load_runs(path: str | os.PathLike, *, size: int | None = 28, resample: str =
             runXX/training/classNN.png``), ``training/*.png`` and ``test/*.png``.
         size: the output side in pixels (as in :func:`load`); ``None`` keeps 105.
         resample: the Pillow filter, as in :func:`load`.
-        download: fetch ``all_runs.zip`` first if ``path`` is that missing file.
+        download: if ``path`` is ``all_runs.zip``, fetch it when missing and
+            check its sha256 (the official file's) when it is there.
 
     Returns:
         A tuple of :class:`Run`, sorted by name.
 
     Raises:
         FileNotFoundError: no runs at ``path``.
-        ValueError: a malformed ``class_labels.txt``.
+        ValueError: a malformed ``class_labels.txt``, a damaged zip or image
+            (named), an ``all_runs.zip`` whose sha256 does not match (with
+            ``download=True``).
+        OSError: a failed download (the message names the URL).
 
     Examples:
         >>> import tempfile, pathlib
@@ -546,8 +583,8 @@ def load_runs(path: str | os.PathLike, *, size: int | None = 28, resample: str =
     """
     path = Path(path).expanduser()
     size, resample = _check_size(size), _check_resample(resample)
-    if not path.exists() and download and path.name == "all_runs.zip":
-        _download("all_runs.zip", path.parent)
+    if download and path.name == "all_runs.zip":
+        _download("all_runs.zip", path.parent)  # fetches a missing file, checks one that is there
     if not path.exists():
         raise FileNotFoundError(f"no one-shot runs at {path}; pass all_runs.zip or the folder holding "
                                 f"run01 .. run20 (download=True fetches {SOURCES['all_runs.zip'].url}).")
@@ -557,9 +594,11 @@ def load_runs(path: str | os.PathLike, *, size: int | None = 28, resample: str =
             folder = labels_file.parent
             training = [f"training/{p.name}" for p in (folder / "training").glob("*.png")]
             runs.append(_read_run(folder.name, labels_file.read_text(), training,
-                                  lambda f, folder=folder: (folder / f).read_bytes(), size, resample))
+                                  lambda f, folder=folder: (folder / f).read_bytes(), size, resample,
+                                  lambda f, folder=folder: str(folder / f)))
     else:
-        with zipfile.ZipFile(path) as archive:
+        with _open_zip(path) as archive:
+            read = _member_reader(archive, path)
             names = archive.namelist()
             for entry in sorted(names):
                 if PurePosixPath(entry).name != "class_labels.txt" or "__MACOSX" in entry:
@@ -568,8 +607,8 @@ def load_runs(path: str | os.PathLike, *, size: int | None = 28, resample: str =
                 name = PurePosixPath(prefix).name or path.stem
                 training = [n[len(prefix):] for n in names if n.startswith(prefix + "training/")
                             and n.lower().endswith(".png") and "/" not in n[len(prefix) + 9:]]
-                runs.append(_read_run(name, archive.read(entry).decode(), training,
-                                      lambda f, p=prefix: archive.read(p + f), size, resample))
+                runs.append(_read_run(name, read(entry).decode(), training, lambda f, p=prefix: read(p + f),
+                                      size, resample, lambda f, p=prefix: f"{p + f} in {path}"))
     if not runs:
         raise FileNotFoundError(f"found no run (no class_labels.txt) in {path}.")
     return tuple(sorted(runs, key=lambda r: r.name))
@@ -625,7 +664,7 @@ def score_runs(runs: Sequence[Run], classify: Callable, *, channel_dim: bool = T
         raise ValueError("score_runs() needs at least one run; load them with load_runs(path).")
     errors = []
     for run in runs:
-        support, query = (_to_float(x).reshape((len(x),) + _item_shape(x.shape[1:], channel_dim))
+        support, query = (_common.to_float(x).reshape((len(x),) + _common.item_shape(x.shape[1:], channel_dim))
                           for x in (run.training, run.test))
         out = classify(support, query)
         if isinstance(out, torch.Tensor):

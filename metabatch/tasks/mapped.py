@@ -1,0 +1,249 @@
+"""Big arrays for `sample_task`: memory-mapped `.npy` files that every worker shares.
+
+`mmap_array` opens a `.npy` file (or writes an array to one, then opens it)
+as a read-only `MmapArray`: a `numpy.memmap` that pickles as a *reference*
+to the file (its path, dtype, shape, strides and byte offset), never as its
+bytes. A `sample_task` that holds one crosses to `spawn` / `forkserver`
+loader workers in microseconds, each worker maps the same file again, and
+all processes share one copy of the data in the operating system's page
+cache; with `fork` workers the main process's mapping is inherited. Data
+larger than memory works too: pages are read from disk when a task first
+touches them and the system drops them again when it needs the memory.
+
+Slices and views of an `MmapArray` (`images[:10]`, `images[:, ::2]`,
+`.view()`, `.T`) are `MmapArray`s of the same file and pickle by reference
+too; anything that copies (fancy indexing, arithmetic, `astype`,
+`np.asarray`, `torch.from_numpy(...)` followed by a copy) is an ordinary
+in-memory array again.
+
+The dataset readers (`metabatch.tasks.omniglot.load`,
+`metabatch.tasks.miniimagenet.load`, `metabatch.tasks.tieredimagenet.load`)
+return their cached images as `MmapArray`s.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["MmapArray", "mmap_array"]
+
+
+class MmapArray(np.memmap):
+    """A read-only `numpy.memmap` of a `.npy` file that pickles as a reference to the file.
+
+    Make one with `mmap_array`. It is a `numpy.memmap` (and so a
+    `numpy.ndarray`) in every other respect: index it, slice it, pass it to
+    `metabatch.tasks.classification`. Writing into it raises numpy's
+    "assignment destination is read-only".
+
+    Pickling stores the file's path and identity (inode, size, modification
+    time) and the view's dtype, shape, strides and byte offset; unpickling
+    maps the file again. If the file was replaced or changed in between (a
+    cache rebuilt, an array written again), unpickling raises an `OSError`
+    naming the file rather than handing out other data. An `MmapArray` that no
+    longer refers to the file (the result of a copy) pickles its values, as a
+    plain `numpy.ndarray`.
+
+    Examples:
+        >>> import pickle, tempfile, pathlib, numpy as np
+        >>> from metabatch.tasks import mmap_array
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     images = mmap_array(pathlib.Path(tmp, "x.npy"), np.arange(12, dtype=np.uint8).reshape(3, 4))
+        ...     view = images[1:, ::-1]
+        ...     blob = pickle.dumps(view)          # a reference: a few hundred bytes, whatever the size
+        ...     again = pickle.loads(blob)
+        ...     (type(again).__name__, again.tolist(), again.flags.writeable)
+        ('MmapArray', [[7, 6, 5, 4], [11, 10, 9, 8]], False)
+    """
+
+    _anchor: int | None = None   # address of the file's byte 0 in this mapping (virtual; may lie outside it)
+    _ident: tuple | None = None  # (inode, size, mtime_ns) of the file when it was mapped
+
+    def __array_finalize__(self, obj):
+        super().__array_finalize__(obj)
+        if self._mmap is not None:
+            self._anchor = getattr(obj, "_anchor", None)
+            self._ident = getattr(obj, "_ident", None)
+        else:
+            self._anchor = self._ident = None
+
+    def __getitem__(self, index):
+        res = super().__getitem__(index)
+        if isinstance(res, MmapArray) and res._mmap is None:  # a copy (fancy indexing): a plain array
+            return res.view(np.ndarray)
+        return res
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        arr = np.ndarray.__array_wrap__(self, arr, context)
+        if arr is self or (isinstance(arr, MmapArray) and arr._mmap is not None):
+            return arr
+        if return_scalar or arr.shape == ():
+            return arr[()]
+        return arr.view(np.ndarray)
+
+    def _reference(self) -> tuple | None:
+        """``(filename, ident, dtype, shape, strides, position)``, or ``None`` if this is not a view of the file."""
+        if self._mmap is None or self._anchor is None or self._ident is None or self.filename is None:
+            return None
+        position = self.__array_interface__["data"][0] - self._anchor
+        return (str(self.filename), self._ident, self.dtype, self.shape, self.strides, position)
+
+    def __reduce_ex__(self, protocol):
+        ref = self._reference()
+        if ref is None:
+            return self.view(np.ndarray).__reduce_ex__(protocol)
+        return _reopen, ref
+
+    def __reduce__(self):
+        return self.__reduce_ex__(2)
+
+
+def _read_header(f) -> tuple:
+    """``(shape, fortran_order, dtype)`` of the open `.npy` file ``f``, left at its data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy format version {version}")  # 3.0: utf8 field names, object-free anyway
+
+
+def _ident(st: os.stat_result) -> tuple:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def open_npy(path: str | os.PathLike) -> MmapArray | np.ndarray:
+    """Map the `.npy` file ``path`` read-only (an empty array is returned as a plain read-only array).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a `.npy` file, an object array (pickled, not mappable), or a truncated file.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        try:
+            shape, fortran, dtype = _read_header(f)
+        except ValueError as err:
+            raise ValueError(f"{path} is not a .npy file numpy can map ({err}).") from None
+        if dtype.hasobject:
+            raise ValueError(f"{path} holds a numpy array of Python objects (dtype {dtype}); only arrays of "
+                             f"numbers can be memory-mapped: save numeric data (e.g. uint8 images) instead.")
+        offset = f.tell()
+        count = int(np.prod(shape, dtype=np.int64))
+        if offset + count * dtype.itemsize > st.st_size:
+            raise ValueError(f"{path} is truncated: its header says {shape} {dtype} ({count * dtype.itemsize} "
+                             f"bytes of data) but the file holds {st.st_size - offset}.")
+        if count == 0:  # mmap cannot map nothing
+            empty = np.empty(shape, dtype, order="F" if fortran else "C")
+            empty.flags.writeable = False
+            return empty
+        array = np.memmap.__new__(MmapArray, f, dtype=dtype, mode="r", offset=offset, shape=shape,
+                                  order="F" if fortran else "C")
+    array.filename = os.path.abspath(path)
+    array._anchor = array.__array_interface__["data"][0] - offset
+    array._ident = _ident(st)
+    return array
+
+
+def _reopen(filename: str, ident: tuple, dtype, shape: tuple, strides: tuple, position: int) -> MmapArray:
+    """Unpickle an `MmapArray`: map ``filename`` again and take the same view of it."""
+    try:
+        f = open(filename, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"the memory-mapped array's file {filename} is gone (it was deleted or moved "
+                                f"after the array was pickled); load or create it again.") from None
+    with f:
+        st = os.fstat(f.fileno())
+        if _ident(st) != tuple(ident):
+            raise OSError(f"the memory-mapped array's file {filename} changed after the array was opened (it "
+                          f"was rebuilt or written again: inode, size, mtime {tuple(ident)} then {_ident(st)}); "
+                          f"open it again in the main process (mmap_array(path), or the dataset's load()) and "
+                          f"restart the loader.")
+        whole = np.memmap.__new__(MmapArray, f, dtype=np.uint8, mode="r", offset=0, shape=(st.st_size,))
+    array = np.ndarray.__new__(MmapArray, shape, dtype=dtype, buffer=whole._mmap, offset=position,
+                               strides=strides)
+    array._mmap, array.filename, array.offset, array.mode = whole._mmap, filename, whole.offset, "r"
+    array._anchor = whole.__array_interface__["data"][0]
+    array._ident = tuple(ident)
+    array.flags.writeable = False
+    return array
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` as `.npy`: a temporary file in the same folder, fsync, atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.lib.format.write_array(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def mmap_array(path: str | os.PathLike, data=None) -> MmapArray:
+    """A large array for `sample_task` that every loader worker shares instead of copying.
+
+    ``mmap_array(path)`` maps an existing `.npy` file read-only;
+    ``mmap_array(path, data)`` first writes ``data`` there (atomically: a
+    temporary file, then a rename), then maps it. The result pickles as a
+    reference to the file, so `spawn` and `forkserver` workers re-map it in
+    microseconds instead of receiving a copy, and all processes share the
+    page cache. See "Big data in sample_task" in the concepts guide.
+
+    Cost: opening is instant; the first touch of each page reads it from
+    disk (or from the page cache, if another process read it already). On a
+    set larger than memory every task may read from disk: keep such files on
+    an SSD.
+
+    Args:
+        path: the `.npy` file (conventionally named `*.npy`).
+        data: a numpy array or CPU tensor of numbers to write to ``path``
+            first (an existing file is replaced); `None` (the default) opens
+            ``path`` as it is.
+
+    Returns:
+        A read-only `MmapArray` (a `numpy.memmap` subclass). An empty array
+        cannot be mapped and comes back as a plain read-only `numpy.ndarray`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (and no ``data`` was given).
+        TypeError: ``data`` is not an array of numbers.
+        ValueError: ``path`` is not a `.npy` file, holds Python objects, or is truncated.
+
+    Examples:
+        >>> import tempfile, pathlib, numpy as np
+        >>> import metabatch as mb
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     images = mb.tasks.mmap_array(pathlib.Path(tmp, "images.npy"), np.zeros((10, 4, 3, 3), np.uint8))
+        ...     sample_task = mb.tasks.classification(images, ways=2)     # shares the file with every worker
+        ...     x, y = sample_task(mb.random.key(0), 0, 1, 1)["context"]
+        ...     (type(images).__name__, x.shape, y.tolist())
+        ('MmapArray', (2, 1, 3, 3), [0, 1])
+    """
+    path = Path(path).expanduser()
+    if data is not None:
+        if isinstance(data, torch.Tensor):
+            if data.device.type != "cpu":
+                raise TypeError(f"mmap_array(): data is a tensor on {data.device}; move it to the CPU first "
+                                f"(data.cpu()).")
+            data = data.detach().numpy()
+        if not isinstance(data, np.ndarray):
+            raise TypeError(f"mmap_array(): data must be a numpy array or a CPU tensor, got "
+                            f"{type(data).__name__}; wrap it with np.asarray(...).")
+        if data.dtype.hasobject or data.dtype.kind not in "biufc":
+            raise TypeError(f"mmap_array(): data has dtype {data.dtype}; only arrays of numbers (bool, ints, "
+                            f"floats, complex) can be memory-mapped.")
+        save_npy(path, data)
+    elif not path.exists():
+        raise FileNotFoundError(f"mmap_array(): no file at {path}; pass data= to write an array there first.")
+    return open_npy(path)
