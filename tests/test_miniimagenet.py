@@ -1,5 +1,6 @@
 import pickle
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -58,6 +59,20 @@ def reference(path: Path, size, resample=Image.BILINEAR) -> np.ndarray:
         if size is not None:
             im = im.resize((size, size), resample)
         return np.asarray(im).transpose(2, 0, 1)
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """Every test gets its own user cache folder: nothing lands in ~/.cache."""
+    folder = tmp_path / "user-cache"
+    monkeypatch.setenv("METABATCH_CACHE", str(folder))
+    return folder
+
+
+def entry(user_cache: Path, tag: str) -> tuple:
+    """The ``.npy`` and ``.json`` of the one cache entry whose name ends with ``tag``."""
+    (npy,) = (user_cache / "miniimagenet").glob(f"*.{tag}.npy")
+    return npy, npy.with_suffix(".json")
 
 
 @pytest.fixture
@@ -142,13 +157,15 @@ def test_grayscale_and_cmyk_images_become_rgb(data_root):
 
 # -- the cache ----------------------------------------------------------------------------------------
 
-def test_cache_round_trip_next_to_the_data(data_root, monkeypatch):
+def test_cache_round_trip_in_the_user_cache_folder(data_root, user_cache, monkeypatch):
     root, _ = data_root
-    monkeypatch.setenv("METABATCH_CACHE", str(root.parent / "fallback"))
+    before = listing(root)
     first = miniimagenet.load(root, "train")
-    assert (root / "train.84px-bilinear.npy").exists() and (root / "train.84px-bilinear.json").exists()
-    assert not (root.parent / "fallback").exists()
-    cached = np.load(root / "train.84px-bilinear.npy")
+    assert listing(root) == before  # nothing next to the data
+    npy, meta = entry(user_cache, "train.84px-bilinear")
+    assert npy.name.startswith("miniimagenet-") and meta.exists()
+    assert isinstance(first.images, mb.tasks.MmapArray) and Path(first.images.filename) == npy
+    cached = np.load(npy)
     assert cached.dtype == np.uint8 and np.array_equal(cached, first.images)
     assert np.array_equal(first.images, miniimagenet.load(root, "train", cache=False).images)
 
@@ -165,37 +182,62 @@ def test_cache_round_trip_next_to_the_data(data_root, monkeypatch):
         miniimagenet.load(root, "val")
 
 
-@pytest.mark.parametrize("damage", ["truncated npy", "missing npy", "garbage json", "wrong shape"])
-def test_half_written_or_damaged_cache_is_rebuilt(data_root, damage):
+@pytest.mark.parametrize("damage", ["truncated npy", "missing npy", "garbage json", "wrong shape",
+                                    "other size", "other filter"])
+def test_half_written_damaged_or_mismatched_cache_is_rebuilt(data_root, user_cache, damage):
     root, _ = data_root
     good = miniimagenet.load(root, "train", size=16)
-    npy, meta = root / "train.16px-bilinear.npy", root / "train.16px-bilinear.json"
+    good_images = np.array(good.images)
+    npy, meta = entry(user_cache, "train.16px-bilinear")
+    del good
     if damage == "truncated npy":
         npy.write_bytes(npy.read_bytes()[:200])
     elif damage == "missing npy":
         npy.unlink()
     elif damage == "garbage json":
         meta.write_text('{"format": 1, "finger')
-    else:  # a whole, valid .npy of another array, beside the json of this one
-        np.save(npy, good.images[:2])
-    (root / ".train.16px-bilinear.npy.12345.tmp").write_bytes(b"a crashed writer's leftovers")
+    elif damage == "wrong shape":  # a whole, valid .npy of another array, beside the json of this one
+        np.save(npy, good_images[:2])
+    else:  # the entry of another request copied over this one's names
+        other = (miniimagenet.load(root, "train", size=12) if damage == "other size"
+                 else miniimagenet.load(root, "train", size=16, resample="nearest"))
+        tag = "train.12px-bilinear" if damage == "other size" else "train.16px-nearest"
+        for src, dst in zip(entry(user_cache, tag), (npy, meta)):
+            dst.write_bytes(src.read_bytes())
+        assert not np.array_equal(np.load(npy), good_images) or damage == "other filter"
     again = miniimagenet.load(root, "train", size=16)
-    assert np.array_equal(again.images, good.images) and again.classes == good.classes
-    assert np.array_equal(np.load(npy), good.images)  # and the cache is whole again
+    assert np.array_equal(again.images, good_images) and again.classes == CLASSES
+    assert np.array_equal(np.load(npy), good_images)  # and the cache is whole again
 
 
 def test_cache_is_rebuilt_when_an_image_changes(data_root):
     root, paths = data_root
-    before = miniimagenet.load(root, "train", size=16)
+    before = np.array(miniimagenet.load(root, "train", size=16).images)
     Image.fromarray(pixels(2, 0)[::-1]).save(paths[5])
     after = miniimagenet.load(root, "train", size=16)
     assert np.array_equal(after.images[1, 1], reference(paths[5], 16))
-    assert not np.array_equal(before.images[1, 1], after.images[1, 1])
+    assert not np.array_equal(before[1, 1], after.images[1, 1])
 
 
-def test_read_only_data_folder_falls_back_to_the_cache_folder(data_root, tmp_path, monkeypatch):
+def test_an_old_cache_next_to_the_csv_files_is_read_and_its_leftovers_cleaned(data_root, tmp_path, user_cache,
+                                                                               monkeypatch):
     root, _ = data_root
-    monkeypatch.setenv("METABATCH_CACHE", str(tmp_path / "fallback"))
+    made = miniimagenet.load(root, "train", size=16, cache_dir=tmp_path / "made")
+    for p in Path(made.images.filename).parent.iterdir():  # what metabatch < 0.10 left beside the csv files
+        if not p.name.startswith("."):
+            (root / ("train.16px-bilinear" + p.suffix)).write_bytes(p.read_bytes())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    crashed = root / f".train.16px-bilinear.npy.{int(dead.stdout)}.tmp"  # a crashed old writer's leftovers
+    crashed.write_bytes(b"x" * 1000)
+    monkeypatch.setattr(miniimagenet, "_decode", lambda *a: pytest.fail("decoded although the old cache is valid"))
+    data = miniimagenet.load(root, "train", size=16)
+    assert Path(data.images.filename) == root / "train.16px-bilinear.npy"
+    assert not crashed.exists() and not (user_cache / "miniimagenet").exists()
+
+
+def test_read_only_data_folder_is_left_alone(data_root, user_cache):
+    root, _ = data_root
     before = listing(root)
     mode = root.stat().st_mode
     root.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
@@ -205,7 +247,7 @@ def test_read_only_data_folder_falls_back_to_the_cache_folder(data_root, tmp_pat
     finally:
         root.chmod(mode)
     assert listing(root) == before
-    cached = sorted(p.name for p in (tmp_path / "fallback" / "miniimagenet").iterdir())
+    cached = sorted(p.name for p in (user_cache / "miniimagenet").iterdir() if not p.name.startswith("."))
     assert len(cached) == 2 and cached[0].startswith("miniimagenet-") and cached[0].endswith(
         ".train.16px-bilinear.json")
     assert np.array_equal(first.images, again.images)

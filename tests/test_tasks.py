@@ -15,6 +15,9 @@ _RNG = np.random.default_rng(0)
 IMAGES = _RNG.integers(0, 256, size=(12, 8, 6, 6), dtype=np.uint8)      # 12 classes, 8 examples, 6x6
 FEATURES = _RNG.standard_normal((7, 5, 3)).astype(np.float32)           # 7 classes, 5 examples, 3 features
 CHANNELS = _RNG.random((6, 5, 2, 5, 5))                                  # float64 (C, H, W) items
+# Classes of different sizes, examples out of class order: class c holds examples whose pixels are all c.
+RAGGED_LABELS = _RNG.permutation(np.repeat([4, 9, 2, 7], [7, 6, 6, 5]))  # 24 examples: 4: 7, 9: 6, 2: 6, 7: 5
+RAGGED = np.broadcast_to(RAGGED_LABELS[:, None, None].astype(np.uint8), (24, 4, 4)).copy()
 
 
 def _families():
@@ -26,6 +29,8 @@ def _families():
         "classification": tasks.classification(IMAGES, ways=5, rotate=True, info=True),
         "classification-features": tasks.classification(FEATURES, ways=3, shuffle=True),
         "classification-channels": tasks.classification(CHANNELS, ways=2, rotate=True),
+        "classification-labels": tasks.classification(RAGGED, ways=3, labels=RAGGED_LABELS, rotate=True,
+                                                       info=True),
     }
 
 
@@ -332,3 +337,68 @@ def test_classification_errors(key):
         tasks.classification(FEATURES, ways=2, rotate=True)
     with pytest.raises(ValueError, match=r"5 \+ 4 = 9 examples per class, but each class has only 8"):
         tasks.classification(IMAGES, ways=2)(key, 0, 5, 4)
+
+
+# -- classes of different sizes (labels=) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("options", [{}, {"rotate": True, "info": True}, {"shuffle": True, "channel_dim": False}])
+def test_labels_with_equal_sorted_classes_draw_the_rectangular_tasks(options):
+    flat = IMAGES.reshape((-1,) + IMAGES.shape[2:])          # 12 classes x 8 examples, class-major
+    labels = np.repeat(np.arange(12), 8)
+    ragged = tasks.classification(flat, ways=5, labels=labels, **options)
+    square = tasks.classification(IMAGES, ways=5, **options)
+    assert ragged.order is None  # sorted labels: no sorting index kept
+    for k in range(20):
+        key = mb.random.key(k)
+        assert same(ragged(key, 0, 2, 3), square(key, 0, 2, 3))
+
+
+def test_labels_draw_distinct_examples_of_the_drawn_classes_only(key):
+    sample = tasks.classification(RAGGED, ways=3, labels=RAGGED_LABELS, info=True, shuffle=True)
+    assert sample.order is not None and sample.labels.tolist() == [2, 4, 7, 9]
+    seen = set()
+    for k in range(200):
+        task = sample(mb.random.key(k), 0, 1, 2)
+        drawn = task["info"]["classes"].tolist()
+        assert len(set(drawn)) == 3 and set(drawn) <= {2, 4, 7, 9}
+        for part, n in (("context", 1), ("target", 2)):
+            x, y = task[part]
+            assert x.shape == (3 * n, 1, 4, 4)
+            values = np.round(x[:, 0, 0, 0] * 255).astype(int)  # the class an example came from
+            assert values.tolist() == [drawn[label] for label in y.tolist()]
+        seen.update(drawn)
+    assert seen == {2, 4, 7, 9}
+    # all 5 examples of class 7 (the smallest), and distinct ones of the others
+    task = tasks.classification(np.arange(24, dtype=np.float32)[:, None], ways=4, labels=RAGGED_LABELS,
+                                info=True)(key, 0, 2, 3)
+    rows = np.concatenate([task["context"][0], task["target"][0]])[:, 0].astype(int)
+    assert len(set(rows.tolist())) == 20 and set(np.flatnonzero(RAGGED_LABELS == 7)) <= set(rows.tolist())
+    assert all(RAGGED_LABELS[r] == task["info"]["classes"][lab] for r, lab in
+               zip(rows, np.concatenate([task["context"][1], task["target"][1]])))
+
+
+def test_labels_from_tensors_and_pickling(key):
+    sample = tasks.classification(torch.from_numpy(RAGGED), ways=2, labels=torch.from_numpy(RAGGED_LABELS))
+    same_np = tasks.classification(RAGGED, ways=2, labels=RAGGED_LABELS)
+    assert same(sample(key, 0, 1, 1), same_np(key, 0, 1, 1))
+    clone = pickle.loads(pickle.dumps(sample))
+    assert same(clone(key, 0, 2, 1), sample(key, 0, 2, 1))
+    assert "labels=<4 classes>" in repr(sample)
+
+
+def test_labels_errors(key):
+    sample = tasks.classification(RAGGED, ways=2, labels=RAGGED_LABELS)
+    with pytest.raises(ValueError, match=r"3 \+ 3 = 6 examples per class, but class 7 has only 5 \(the fewest\)"):
+        sample(key, 0, 3, 3)
+    with pytest.raises(TypeError, match="labels must be an int array .*got an array of float64"):
+        tasks.classification(RAGGED, ways=2, labels=RAGGED_LABELS.astype(float))
+    with pytest.raises(TypeError, match="labels must be an int array .*got list"):
+        tasks.classification(RAGGED, ways=2, labels=RAGGED_LABELS.tolist())
+    with pytest.raises(ValueError, match=r"one entry per example: shape \(24,\), got \(23,\)"):
+        tasks.classification(RAGGED, ways=2, labels=RAGGED_LABELS[1:])
+    with pytest.raises(ValueError, match=r"ways=5 must lie in \[1, num_classes=4\]"):
+        tasks.classification(RAGGED, ways=5, labels=RAGGED_LABELS)
+    with pytest.raises(ValueError, match="with labels=, classes must have shape"):
+        tasks.classification(RAGGED[:, 0, 0], ways=2, labels=RAGGED_LABELS)
+    with pytest.raises(ValueError, match="square images"):
+        tasks.classification(RAGGED[:, :, :3], ways=2, labels=RAGGED_LABELS, rotate=True)
