@@ -3,6 +3,13 @@
     python examples/maml_miniimagenet.py --data DATA/miniimagenet            # the paper's protocol
     python examples/maml_miniimagenet.py --data DATA/miniimagenet --k_spt 5  # MAML-Pytorch's flags work too
     python examples/maml_miniimagenet.py --data ... --resume runs/maml_miniimagenet/last.pt
+    python examples/maml_miniimagenet.py --dataset tieredimagenet --data DATA/tiered-imagenet
+
+--dataset tieredimagenet trains on tiered-ImageNet instead (Ren et al. 2018; 351/97/160 classes of 732-1300
+images): --data then holds train/, val/, test/ class folders or Ren et al.'s <split>_labels.pkl with
+<split>_images_png.pkl or <split>_images.npz (metabatch.tasks.tieredimagenet reads both and never runs code
+from the pickles). Its decoded training split is 9.5 GB at 84x84: it is cached once, memory-mapped, and
+shared by every loader worker, so it needs disk, not memory.
 
 --data is a folder in Ravi & Larochelle's layout: images/*.jpg plus train.csv, val.csv and test.csv
 (`filename,label` rows; 64, 16 and 20 classes of 600 images). metabatch.tasks.miniimagenet decodes each
@@ -44,6 +51,8 @@ import os
 import pathlib
 import sys
 
+import numpy as np
+
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _fewshot  # examples/_fewshot.py: the code shared with maml_omniglot.py
@@ -58,7 +67,10 @@ UPSTREAM = {"n_way": 5, "k_spt": 1, "k_qry": 15, "imgsz": 84, "task_num": 4, "me
 def make_parser():
     p = _fewshot.parser(__doc__, DEFAULTS, UPSTREAM)
     p.add_argument("--data", type=pathlib.Path, required=True, metavar="DIR",
-                   help="mini-ImageNet in the Ravi & Larochelle layout (images/, train.csv, val.csv, test.csv)")
+                   help="mini-ImageNet in the Ravi & Larochelle layout (images/, train.csv, val.csv, test.csv), "
+                        "or with --dataset tieredimagenet, tiered-ImageNet's folder")
+    p.add_argument("--dataset", choices=("miniimagenet", "tieredimagenet"), default="miniimagenet",
+                   help="the data set in --data (default miniimagenet)")
     p.add_argument("--channels", type=_fewshot._int_at_least(1), default=32, help="conv filters (default 32)")
     return p
 
@@ -67,30 +79,54 @@ def parse_args(argv=None):
     return make_parser().parse_args(argv)
 
 
-def main(argv=None):
+def _load_tiered(p, args):
+    from metabatch.tasks import tieredimagenet
+
+    try:
+        splits = {s: tieredimagenet.load(args.data, s, size=args.image_size) for s in ("train", "val", "test")}
+    except FileNotFoundError as err:
+        p.error(f"--data {args.data}: {err}")
+    for s, d in splits.items():
+        counts = np.bincount(d.labels)
+        print(f"{s}: {len(d.classes)} classes, {len(d.images)} images of {d.images.shape[1:]} (tiered-ImageNet, "
+              f"{counts.min()}-{counts.max()} per class)")
+    per_class = min(int(np.bincount(d.labels).min()) for d in splits.values())
+    num_classes = {s: len(d.classes) for s, d in splits.items()}
+    return splits, num_classes, per_class, splits["train"].images.shape[1], tieredimagenet.sampler
+
+
+def _load_mini(p, args):
     from metabatch.tasks import miniimagenet
 
-    p = make_parser()
-    args = p.parse_args(argv)
     if not (args.data / "train.csv").is_file():
         p.error(f"--data {args.data}: no train.csv there; pass the folder holding images/, train.csv, val.csv "
                 f"and test.csv (Ravi & Larochelle's layout).")
     splits = {s: miniimagenet.load(args.data, s, size=args.image_size) for s in ("train", "val", "test")}
     for s, d in splits.items():
         print(f"{s}: {d.images.shape[0]} classes x {d.images.shape[1]} images of {d.images.shape[2:]}")
-    train = splits["train"].images
-    _fewshot.check(p, args, num_classes=len(train), per_class=min(d.images.shape[1] for d in splits.values()))
+    per_class = min(d.images.shape[1] for d in splits.values())
+    num_classes = {s: len(d.images) for s, d in splits.items()}
+    return splits, num_classes, per_class, splits["train"].images.shape[2], miniimagenet.sampler
+
+
+def main(argv=None):
+    p = make_parser()
+    args = p.parse_args(argv)
+    load = _load_tiered if args.dataset == "tieredimagenet" else _load_mini
+    splits, num_classes, per_class, in_channels, sampler = load(p, args)
+    _fewshot.check(p, args, num_classes=num_classes["train"], per_class=per_class)
     for s in ("val", "test"):
-        if args.ways > len(splits[s].images):
-            p.error(f"the {s} split has {len(splits[s].images)} classes, fewer than --ways {args.ways}; lower --ways.")
-    tasks = {s: miniimagenet.sampler(d, args.ways) for s, d in splits.items()}
+        if args.ways > num_classes[s]:
+            p.error(f"the {s} split has {num_classes[s]} classes, fewer than --ways {args.ways}; lower --ways.")
+    tasks = {s: sampler(d, args.ways) for s, d in splits.items()}
 
     def model_fn(key):
-        return _fewshot.conv4(key, in_channels=train.shape[2], ways=args.ways, channels=args.channels,
+        return _fewshot.conv4(key, in_channels=in_channels, ways=args.ways, channels=args.channels,
                               image_size=args.image_size, pool="max")
 
-    test = _fewshot.accuracy_eval(tasks["test"], args, f"test split ({len(splits['test'].images)} classes)")
-    return _fewshot.run(args, name="MAML mini-ImageNet", model_fn=model_fn, train_task=tasks["train"],
+    name = "MAML tiered-ImageNet" if args.dataset == "tieredimagenet" else "MAML mini-ImageNet"
+    test = _fewshot.accuracy_eval(tasks["test"], args, f"test split ({num_classes['test']} classes)")
+    return _fewshot.run(args, name=name, model_fn=model_fn, train_task=tasks["train"],
                         val_task=tasks["val"], evaluations=[("test", test)])
 
 

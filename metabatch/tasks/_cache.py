@@ -128,9 +128,10 @@ class Sink:
 class FileSink(Sink):
     """Writes the items as one `.npy` to the open file ``f``, ``chunk_bytes`` at a time."""
 
-    def __init__(self, prefix: tuple, f, chunk_bytes: int = CHUNK_BYTES, where: str = "the cache"):
+    def __init__(self, prefix: tuple, f, chunk_bytes: int | None = None, where: str = "the cache"):
         super().__init__(prefix)
-        self.f, self.chunk_bytes, self.filled, self.where = f, chunk_bytes, 0, where
+        self.f, self.filled, self.where = f, 0, where
+        self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
 
     def _start(self) -> None:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
@@ -273,7 +274,7 @@ def _fsync_dir(folder: Path) -> None:
 # -- the entry point --------------------------------------------------------------------------------
 
 def cached(stem: Path, *, request: dict, build: Callable, decode: Callable, what: str, explicit: bool,
-           legacy: Path | None = None, chunk_bytes: int = CHUNK_BYTES) -> Any:
+           legacy: Path | None = None, chunk_bytes: int | None = None) -> Any:
     """The data from a valid cache entry, else ``build`` it into one (streamed) and map that.
 
     Args:
