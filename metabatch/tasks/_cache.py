@@ -1,19 +1,19 @@
 """The uint8 image cache of the dataset readers (private, shared by omniglot, miniimagenet, tieredimagenet).
 
-A cache entry is a pair ``<stem>.npy`` (the images) + ``<stem>.json`` (format,
+A cache entry is a pair `<stem>.npy` (the images) + `<stem>.json` (format,
 fingerprint of the source, the request: size, resample, ..., the shape, and
 whatever the reader needs to rebuild its NamedTuple).
 
-Where: in the user cache folder, ``$METABATCH_CACHE/<dataset>``, else
-``$XDG_CACHE_HOME/metabatch/<dataset>``, else ``~/.cache/metabatch/<dataset>``,
-as ``<name>-<digest of the source's location>.<tag>``; or in ``cache_dir``
-when the caller gives one. Never next to the data unless ``cache_dir`` says
-so. The folder is logged once per process (logger ``metabatch.tasks``, level
-INFO). A cache that metabatch < 0.10 wrote next to the data (``legacy``) is
+Where: in the user cache folder, `$METABATCH_CACHE/<dataset>`, else
+`$XDG_CACHE_HOME/metabatch/<dataset>`, else `~/.cache/metabatch/<dataset>`,
+as `<name>-<digest of the source's location>.<tag>`; or in `cache_dir`
+when the caller gives one. Never next to the data unless `cache_dir` says
+so. The folder is logged once per process (logger `metabatch.tasks`, level
+INFO). A cache that metabatch < 0.10 wrote next to the data (`legacy`) is
 still read while it matches the request, never written or refreshed there.
 
 Reading: the entry's metadata must equal the request (format, fingerprint,
-size, resample, ...) and the ``.npy`` must have the recorded shape; the images
+size, resample, ...) and the `.npy` must have the recorded shape; the images
 come back memory-mapped (`metabatch.tasks.MmapArray`). Anything else (stale,
 half written, damaged, another size copied over the names) is rebuilt, never
 trusted.
@@ -21,7 +21,7 @@ trusted.
 Writing streams: the reader appends decoded images to a sink that writes
 them in chunks (`CHUNK_BYTES`) to a hidden temporary file, so a build holds a
 chunk, not the data set, in memory. Both files are fsynced and renamed into
-place under an exclusive lock (``.<stem>.lock``, `fcntl.flock` where there is
+place under an exclusive lock (`.<stem>.lock`, `fcntl.flock` where there is
 one); readers take a shared lock. So concurrent builders of one entry all end
 up mapping the one entry that was renamed first, and nobody reads a pair
 from two builds. Temporaries of dead processes on this host, and any older
@@ -66,7 +66,7 @@ def _host() -> str:
 
 
 def default_root() -> Path:
-    """``$METABATCH_CACHE``, else ``$XDG_CACHE_HOME/metabatch``, else ``~/.cache/metabatch``."""
+    """`$METABATCH_CACHE`, else `$XDG_CACHE_HOME/metabatch`, else `~/.cache/metabatch`."""
     root = os.environ.get("METABATCH_CACHE")
     if root:
         return Path(root).expanduser()
@@ -75,7 +75,7 @@ def default_root() -> Path:
 
 
 def stem(source: Path, name: str, tag: str, dataset: str, cache_dir) -> Path:
-    """``<folder>/<name>-<digest of source's location>.<tag>``: two copies of a data set never share an entry."""
+    """`<folder>/<name>-<digest of source's location>.<tag>`: two copies of a data set never share an entry."""
     digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:10]
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_root() / dataset
     return folder / f"{name}-{digest}.{tag}"
@@ -92,7 +92,7 @@ def _note(folder: Path, what: str, explicit: bool) -> None:
 # -- sinks: where a reader puts its decoded images -------------------------------------------------
 
 class Sink:
-    """Takes ``prod(prefix)`` uint8 items of one shape, in C order; keeps them in memory."""
+    """Takes `prod(prefix)` uint8 items of one shape, in C order; keeps them in memory."""
 
     def __init__(self, prefix: tuple):
         self.prefix = tuple(int(n) for n in prefix)
@@ -126,7 +126,7 @@ class Sink:
 
 
 class FileSink(Sink):
-    """Writes the items as one `.npy` to the open file ``f``, ``chunk_bytes`` at a time."""
+    """Writes the items as one `.npy` to the open file `f`, `chunk_bytes` at a time."""
 
     def __init__(self, prefix: tuple, f, chunk_bytes: int | None = None, where: str = "the cache"):
         super().__init__(prefix)
@@ -164,7 +164,7 @@ class FileSink(Sink):
 
 
 def collect(build: Callable) -> tuple[np.ndarray, dict]:
-    """Run ``build(new_sink)`` in memory: ``(images, meta)``."""
+    """Run `build(new_sink)` in memory: `(images, meta)`."""
     made = []
 
     def new(prefix):
@@ -186,7 +186,7 @@ def _npy(stem: Path) -> Path:
 
 
 def _read(stem: Path, request: dict, decode: Callable) -> Any:
-    """The entry at ``stem`` if its metadata equals ``request`` and its array fits, else ``None``."""
+    """The entry at `stem` if its metadata equals `request` and its array fits, else `None`."""
     try:
         info = json.loads(_json(stem).read_text())
         if not isinstance(info, dict) or any(info.get(k) != v for k, v in request.items()):
@@ -201,7 +201,7 @@ def _read(stem: Path, request: dict, decode: Callable) -> Any:
 
 @contextlib.contextmanager
 def _locked(stem: Path, exclusive: bool):
-    """An advisory lock on ``.<stem>.lock`` beside the entry (none where it cannot be had)."""
+    """An advisory lock on `.<stem>.lock` beside the entry (none where it cannot be had)."""
     fd = None
     if fcntl is not None:
         try:
@@ -231,7 +231,7 @@ def _alive(pid: int) -> bool:
 
 
 def clean(folder: Path, only: str | None = None) -> list:
-    """Remove the temporaries a crashed build left in ``folder`` (those of ``.<only>.`` when given).
+    """Remove the temporaries a crashed build left in `folder` (those of `.<only>.` when given).
 
     A temporary is stale when its process (on this host) is gone, or when it
     has not been written to for `STALE_SECONDS`; a live builder's file stays.
@@ -275,22 +275,22 @@ def _fsync_dir(folder: Path) -> None:
 
 def cached(stem: Path, *, request: dict, build: Callable, decode: Callable, what: str, explicit: bool,
            legacy: Path | None = None, chunk_bytes: int | None = None) -> Any:
-    """The data from a valid cache entry, else ``build`` it into one (streamed) and map that.
+    """The data from a valid cache entry, else `build` it into one (streamed) and map that.
 
     Args:
         stem: the entry, from `stem`.
         request: what the entry's metadata must say (format, fingerprint,
             source, size, resample, ...); recorded with the entry.
-        build: ``build(new_sink) -> meta``: calls ``new_sink(prefix)`` once and
-            appends ``prod(prefix)`` uint8 images to it; returns the json-able
-            metadata ``decode`` needs.
-        decode: ``(images, metadata) -> data``, or ``None`` when they do not fit.
+        build: `build(new_sink) -> meta`: calls `new_sink(prefix)` once and
+            appends `prod(prefix)` uint8 images to it; returns the json-able
+            metadata `decode` needs.
+        decode: `(images, metadata) -> data`, or `None` when they do not fit.
         what: the data set's name, for messages.
-        explicit: the caller passed ``cache_dir`` (write errors raise).
+        explicit: the caller passed `cache_dir` (write errors raise).
         legacy: an entry next to the data written by metabatch < 0.10: read if valid, never written.
 
     Raises:
-        OSError: ``explicit`` and the entry could not be written.
+        OSError: `explicit` and the entry could not be written.
     """
     folder = stem.parent
     _note(folder, what, explicit)

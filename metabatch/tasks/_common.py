@@ -21,7 +21,7 @@ RESAMPLE = ("lanczos", "box", "bilinear", "bicubic", "hamming", "nearest")
 
 
 def pil(reader: str, files: str):
-    """``PIL.Image``, or an ImportError saying that ``reader`` needs Pillow to decode ``files``."""
+    """`PIL.Image`, or an ImportError saying that `reader` needs Pillow to decode `files`."""
     try:
         from PIL import Image
     except ImportError as err:
@@ -32,7 +32,7 @@ def pil(reader: str, files: str):
 
 
 def check_size(size, keep: str) -> int | None:
-    """``size`` as an int >= 1, or ``None``; ``keep`` says what ``None`` means."""
+    """`size` as an int >= 1, or `None`; `keep` says what `None` means."""
     if size is None:
         return None
     if isinstance(size, (bool, np.bool_)):
@@ -65,7 +65,7 @@ def item_shape(shape: tuple, channel_dim: bool) -> tuple:
 
 
 def rgb(data: bytes, size: int | None, resample: str, reader: str, where: str, fix: str) -> np.ndarray:
-    """One encoded image -> uint8 ``[3, H, W]`` RGB resized to ``size x size``; errors name ``where``."""
+    """One encoded image -> uint8 `[3, H, W]` RGB resized to `size x size`; errors name `where`."""
     Image = pil(reader, "images")
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -79,7 +79,7 @@ def rgb(data: bytes, size: int | None, resample: str, reader: str, where: str, f
 
 
 def resize_rgb(image: np.ndarray, size: int | None, resample: str, reader: str) -> np.ndarray:
-    """uint8 ``[3, H, W]`` -> ``[3, size, size]`` with Pillow's filter (unchanged when already that size)."""
+    """uint8 `[3, H, W]` -> `[3, size, size]` with Pillow's filter (unchanged when already that size)."""
     if size is None or image.shape[1:] == (size, size):
         return image
     Image = pil(reader, "images")
@@ -89,9 +89,9 @@ def resize_rgb(image: np.ndarray, size: int | None, resample: str, reader: str) 
 
 
 def threaded_map(fn: Callable, items: Iterable, *, workers: int | None = None, ahead: int = 64) -> Iterator:
-    """``map(fn, items)`` on up to 8 threads (Pillow decodes without the GIL), in order.
+    """`map(fn, items)` on up to 8 threads (Pillow decodes without the GIL), in order.
 
-    At most ``ahead`` results are in flight or waiting, so decoding a data set
+    At most `ahead` results are in flight or waiting, so decoding a data set
     of any size holds only that many decoded images at once.
     """
     workers = workers or min(8, os.cpu_count() or 1)
@@ -121,7 +121,7 @@ def channel_stats(values, name: str, channels: int, fn: str) -> np.ndarray:
 
 
 def normalization(normalize, default: tuple, channels: int, fn: str) -> tuple:
-    """``(mean, std)`` float32 ``[C, 1, 1]`` arrays, or ``(None, None)`` for ``normalize=False``."""
+    """`(mean, std)` float32 `[C, 1, 1]` arrays, or `(None, None)` for `normalize=False`."""
     if normalize is True:
         normalize = default
     if normalize is False:

@@ -1,11 +1,11 @@
 """Reading data sets shipped as Python pickles without running their code (private).
 
-A pickle can call any importable function while it loads: ``pickle.load`` on
+A pickle can call any importable function while it loads: `pickle.load` on
 a file from the internet runs whatever its author wanted. The data sets that
-ship as pickles (tiered-ImageNet's ``*_labels.pkl`` and ``*_images_png.pkl``,
+ship as pickles (tiered-ImageNet's `*_labels.pkl` and `*_images_png.pkl`,
 written by Python 2) hold only numpy arrays, lists, dicts and strings, so the
 unpicklers here resolve only the few numpy constructors those need (an
-allowlist, as ``torch.load(weights_only=True)`` does) and refuse anything else
+allowlist, as `torch.load(weights_only=True)` does) and refuse anything else
 with a `pickle.UnpicklingError` that names it; nothing else is ever imported
 or called.
 
@@ -32,7 +32,7 @@ _BIG = 4096  # bytes: larger strings are never kept in the memo of a streaming l
 
 
 def _encode(obj, encoding="utf-8"):
-    """``_codecs.encode`` as Python 3 pickles bytes for protocols < 3, text codecs only."""
+    """`_codecs.encode` as Python 3 pickles bytes for protocols < 3, text codecs only."""
     if codecs.lookup(encoding).name not in ("latin-1", "iso8859-1", "utf-8", "ascii"):
         raise pickle.UnpicklingError(f"refusing _codecs.encode with the codec {encoding!r}")
     return codecs.encode(obj, encoding)
@@ -81,7 +81,7 @@ class _Safe(pickle.Unpickler):
 
 
 def load(path) -> object:
-    """Unpickle the file ``path`` with the allowlist (Python 2 strings decode as latin-1, as numpy needs)."""
+    """Unpickle the file `path` with the allowlist (Python 2 strings decode as latin-1, as numpy needs)."""
     with open(path, "rb") as f:
         return _Safe(f, path).load()
 
@@ -118,7 +118,7 @@ class _Memo(dict):
 
 
 class _Pending:
-    """Stands for an array being unpickled (``_reconstruct`` then BUILD); hands it on once built."""
+    """Stands for an array being unpickled (`_reconstruct` then BUILD); hands it on once built."""
 
     __slots__ = ("emit",)
 
@@ -163,9 +163,9 @@ class _Stop(Exception):
 
 
 def stream_arrays(path, *, ahead: int = 256) -> Iterator[np.ndarray]:
-    """Every numpy array in the pickle ``path``, in the order they are stored, read lazily.
+    """Every numpy array in the pickle `path`, in the order they are stored, read lazily.
 
-    A background thread unpickles; at most ``ahead`` arrays wait for the
+    A background thread unpickles; at most `ahead` arrays wait for the
     consumer. Closing the iterator early stops the thread.
 
     Raises:

@@ -1,11 +1,11 @@
 """N-way K-shot classification over any array of classes.
 
-:func:`classification` turns an array ``[num_classes, examples_per_class,
-...]`` (Omniglot, mini-ImageNet features, your own data) into a picklable
-``sample_task`` for :func:`metabatch.task_loader`. A task picks ``ways``
-classes, gives them the labels ``0 .. ways-1`` in the order drawn (so which
-class gets which label is random), and splits ``n_ctx + n_tgt`` distinct
-examples of each class into ``n_ctx`` support (context) and ``n_tgt`` query
+`classification` turns an array `[num_classes, examples_per_class,
+...]` (Omniglot, mini-ImageNet features, your own data) into a picklable
+`sample_task` for `metabatch.task_loader`. A task picks `ways`
+classes, gives them the labels `0 .. ways-1` in the order drawn (so which
+class gets which label is random), and splits `n_ctx + n_tgt` distinct
+examples of each class into `n_ctx` support (context) and `n_tgt` query
 (target) examples per class.
 """
 
@@ -41,7 +41,7 @@ def _as_array(classes, fn: str) -> np.ndarray:
 
 
 def _rot90(images: np.ndarray, k: int) -> np.ndarray:
-    """``np.rot90(images, k, axes=(-2, -1))`` as a view, without its per-call overhead."""
+    """`np.rot90(images, k, axes=(-2, -1))` as a view, without its per-call overhead."""
     if k == 1:
         return images[..., ::-1].swapaxes(-1, -2)
     if k == 2:
@@ -51,21 +51,21 @@ def _rot90(images: np.ndarray, k: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Classification:
-    """A picklable N-way K-shot ``sample_task``; make one with :func:`classification`.
+    """A picklable N-way K-shot `sample_task`; make one with `classification`.
 
     Attributes:
-        classes: the read-only class array ``[num_classes, examples_per_class, ...]``,
-            or, with ``offsets``, the examples ``[num_examples, ...]``.
+        classes: the read-only class array `[num_classes, examples_per_class, ...]`,
+            or, with `offsets`, the examples `[num_examples, ...]`.
         ways: classes per task (N).
         rotate: give each class of a task a random multiple of 90 degrees.
         shuffle: shuffle the rows of the context and of the target set.
-        channel_dim: give 2-D examples a channel dimension: ``[..., 1, H, W]``.
+        channel_dim: give 2-D examples a channel dimension: `[..., 1, H, W]`.
         info: also return the drawn classes and rotations.
-        offsets: ``None``, or int64 ``[num_classes + 1]``: class ``c`` is rows
-            ``offsets[c]:offsets[c + 1]`` of ``order`` (of ``classes`` when
-            ``order`` is ``None``).
-        order: ``None``, or int64 ``[num_examples]``: the rows of ``classes`` sorted by label.
-        labels: ``None``, or int64 ``[num_classes]``: the label value of each class.
+        offsets: `None`, or int64 `[num_classes + 1]`: class `c` is rows
+            `offsets[c]:offsets[c + 1]` of `order` (of `classes` when
+            `order` is `None`).
+        order: `None`, or int64 `[num_examples]`: the rows of `classes` sorted by label.
+        labels: `None`, or int64 `[num_classes]`: the label value of each class.
     """
 
     classes: np.ndarray
@@ -85,7 +85,7 @@ class Classification:
                 f"channel_dim={self.channel_dim}, info={self.info})")
 
     def _draw(self, rng: np.random.Generator, n_ctx: int, n_tgt: int) -> tuple:
-        """``(chosen classes, rows [ways, shots] to gather, their label values)``."""
+        """`(chosen classes, rows [ways, shots] to gather, their label values)`."""
         shots, ways = n_ctx + n_tgt, self.ways
         if self.offsets is None:
             num_classes, per_class = self.classes.shape[:2]
@@ -112,7 +112,7 @@ class Classification:
         return chosen, rows, self.labels[chosen]
 
     def __call__(self, key: _random.Key, idx: int, n_ctx: int, n_tgt: int) -> dict:
-        """One task; see :func:`classification`.
+        """One task; see `classification`.
 
         Examples:
             >>> import numpy as np, metabatch as mb
@@ -150,71 +150,71 @@ def classification(classes: np.ndarray | torch.Tensor, ways: int, *, rotate: boo
                    labels: np.ndarray | torch.Tensor | None = None) -> Classification:
     """An N-way K-shot classification task family over an array of classes.
 
-    A task draws ``ways`` distinct classes (label ``l`` is the ``l``-th class
-    drawn, so the class-to-label map is random) and ``n_ctx + n_tgt``
-    distinct examples of each: ``n_ctx`` go to the context (support) set and
-    ``n_tgt`` to the target (query) set. Rows are grouped by label
-    (``[0]*n_ctx + [1]*n_ctx + ...``) unless ``shuffle=True``.
+    A task draws `ways` distinct classes (label `l` is the `l`-th class
+    drawn, so the class-to-label map is random) and `n_ctx + n_tgt`
+    distinct examples of each: `n_ctx` go to the context (support) set and
+    `n_tgt` to the target (query) set. Rows are grouped by label
+    (`[0]*n_ctx + [1]*n_ctx + ...`) unless `shuffle=True`.
 
     Classes of different sizes (tiered-ImageNet, your own data) come as a
-    flat array of examples plus ``labels``, one int per example: the classes
+    flat array of examples plus `labels`, one int per example: the classes
     are the distinct label values. With equal class sizes and sorted labels
-    this draws exactly the tasks of the ``[num_classes, per_class, ...]`` form.
+    this draws exactly the tasks of the `[num_classes, per_class, ...]` form.
 
-    With ``rotate=True`` each drawn class gets one random rotation by
-    ``k * 90`` degrees, ``k`` in ``{0, 1, 2, 3}``, applied to all its context
+    With `rotate=True` each drawn class gets one random rotation by
+    `k * 90` degrees, `k` in `{0, 1, 2, 3}`, applied to all its context
     and target images: the standard Omniglot augmentation, in which a rotated
     character acts as a new class (as in Finn et al. 2017, a task never holds
     one class twice, even in two rotations).
 
-    ``idx`` is ignored: the key alone picks the classes, examples, rotations
+    `idx` is ignored: the key alone picks the classes, examples, rotations
     and order. An N-way task space has no small natural index, so the
-    ``num_tasks`` of `metabatch.batch_specs` only sets its epoch length
-    (any value works; ``num_classes`` is a fine choice). For a fixed
-    evaluation set, fix the seed: ``batch_specs(seed=1, num_tasks=600,
-    batch_size=b, ..., num_batches=600 // b)`` gives the same 600 tasks every run.
+    `num_tasks` of `metabatch.batch_specs` only sets its epoch length
+    (any value works; `num_classes` is a fine choice). For a fixed
+    evaluation set, fix the seed: `batch_specs(seed=1, num_tasks=600,
+    batch_size=b, ..., num_batches=600 // b)` gives the same 600 tasks every run.
 
-    Memory: the factory keeps a read-only *view* of ``classes`` (no copy).
-    With ``fork`` workers (the Linux default) the array is shared
-    copy-on-write and never copied. With ``spawn`` / ``forkserver`` the
+    Memory: the factory keeps a read-only *view* of `classes` (no copy).
+    With `fork` workers (the Linux default) the array is shared
+    copy-on-write and never copied. With `spawn` / `forkserver` the
     sample_task is pickled once per worker: an ordinary array travels by
     value (a copy per worker), a `metabatch.tasks.MmapArray` (what the
     dataset readers return, or `metabatch.tasks.mmap_array` makes) as a
     reference to its file, which every worker maps and shares.
 
     Args:
-        classes: a numpy array or tensor ``[num_classes, examples_per_class,
-            *item]``, or with ``labels``, ``[num_examples, *item]``; uint8
-            data (images 0..255) is scaled to float32 ``[0, 1]``, bool data
-            becomes 0/1, floating data is only cast to float32. ``item`` is
-            ``(H, W)`` or ``(C, H, W)`` for images, or ``(D,)`` for feature
+        classes: a numpy array or tensor `[num_classes, examples_per_class,
+            *item]`, or with `labels`, `[num_examples, *item]`; uint8
+            data (images 0..255) is scaled to float32 `[0, 1]`, bool data
+            becomes 0/1, floating data is only cast to float32. `item` is
+            `(H, W)` or `(C, H, W)` for images, or `(D,)` for feature
             vectors.
         ways: classes per task (N), at most the number of classes.
         rotate: random 90-degree rotations per class (needs square images).
         shuffle: shuffle the rows of the context set and of the target set
             (for sequence models; MAML needs no shuffling).
-        channel_dim: give 2-D examples ``(H, W)`` a channel dimension, so that
-            images come out ``[N * n, 1, H, W]`` as conv nets expect; other
+        channel_dim: give 2-D examples `(H, W)` a channel dimension, so that
+            images come out `[N * n, 1, H, W]` as conv nets expect; other
             item shapes are returned as they are.
-        info: also return ``"info": {"classes": int64[ways], "rotations":
-            int64[ways]}``: the classes behind labels ``0 .. ways-1`` (their
-            index along ``classes``' first axis, or with ``labels``, their
+        info: also return `"info": {"classes": int64[ways], "rotations":
+            int64[ways]}`: the classes behind labels `0 .. ways-1` (their
+            index along `classes`' first axis, or with `labels`, their
             label value) and their quarter turns.
-        labels: ``None``, or ints ``[num_examples]`` (a numpy array or tensor):
-            the class of each example of the flat ``classes``. Sorted labels
+        labels: `None`, or ints `[num_examples]` (a numpy array or tensor):
+            the class of each example of the flat `classes`. Sorted labels
             cost nothing; otherwise the factory keeps a sorting index (8
             bytes per example).
 
     Returns:
-        A `Classification` ``sample_task(key, idx, n_ctx, n_tgt) ->
-        {"context": (x, y), "target": (x, y)}`` with float32 ``x`` of shape
-        ``[ways * n_ctx, *item]`` (resp. ``n_tgt``) and int64 labels ``y``.
+        A `Classification` `sample_task(key, idx, n_ctx, n_tgt) ->
+        {"context": (x, y), "target": (x, y)}` with float32 `x` of shape
+        `[ways * n_ctx, *item]` (resp. `n_tgt`) and int64 labels `y`.
 
     Raises:
-        TypeError: ``classes`` is not an array/tensor of uint8, bool or float,
-            or ``labels`` is not an array of ints.
-        ValueError: ``classes`` has too few dimensions, ``labels`` does not
-            have one entry per example, ``ways`` is out of range, or ``rotate``
+        TypeError: `classes` is not an array/tensor of uint8, bool or float,
+            or `labels` is not an array of ints.
+        ValueError: `classes` has too few dimensions, `labels` does not
+            have one entry per example, `ways` is out of range, or `rotate`
             is asked for non-square or 1-D examples. A task asking for more
             examples than a class has raises at call time.
 

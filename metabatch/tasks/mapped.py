@@ -87,7 +87,7 @@ class MmapArray(np.memmap):
         return arr.view(np.ndarray)
 
     def _reference(self) -> tuple | None:
-        """``(filename, ident, dtype, shape, strides, position)``, or ``None`` if this is not a view of the file."""
+        """`(filename, ident, dtype, shape, strides, position)`, or `None` if this is not a view of the file."""
         if self._mmap is None or self._anchor is None or self._ident is None or self.filename is None:
             return None
         position = self.__array_interface__["data"][0] - self._anchor
@@ -104,7 +104,7 @@ class MmapArray(np.memmap):
 
 
 def _read_header(f) -> tuple:
-    """``(shape, fortran_order, dtype)`` of the open `.npy` file ``f``, left at its data."""
+    """`(shape, fortran_order, dtype)` of the open `.npy` file `f`, left at its data."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(f)
@@ -118,10 +118,10 @@ def _ident(st: os.stat_result) -> tuple:
 
 
 def open_npy(path: str | os.PathLike) -> MmapArray | np.ndarray:
-    """Map the `.npy` file ``path`` read-only (an empty array is returned as a plain read-only array).
+    """Map the `.npy` file `path` read-only (an empty array is returned as a plain read-only array).
 
     Raises:
-        FileNotFoundError: no file at ``path``.
+        FileNotFoundError: no file at `path`.
         ValueError: not a `.npy` file, an object array (pickled, not mappable), or a truncated file.
     """
     path = Path(path)
@@ -152,7 +152,7 @@ def open_npy(path: str | os.PathLike) -> MmapArray | np.ndarray:
 
 
 def _reopen(filename: str, ident: tuple, dtype, shape: tuple, strides: tuple, position: int) -> MmapArray:
-    """Unpickle an `MmapArray`: map ``filename`` again and take the same view of it."""
+    """Unpickle an `MmapArray`: map `filename` again and take the same view of it."""
     try:
         f = open(filename, "rb")
     except FileNotFoundError:
@@ -176,7 +176,7 @@ def _reopen(filename: str, ident: tuple, dtype, shape: tuple, strides: tuple, po
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` as `.npy`: a temporary file in the same folder, fsync, atomic rename."""
+    """Write `array` to `path` as `.npy`: a temporary file in the same folder, fsync, atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp", dir=path.parent)
     try:
@@ -193,8 +193,8 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 def mmap_array(path: str | os.PathLike, data=None) -> MmapArray:
     """A large array for `sample_task` that every loader worker shares instead of copying.
 
-    ``mmap_array(path)`` maps an existing `.npy` file read-only;
-    ``mmap_array(path, data)`` first writes ``data`` there (atomically: a
+    `mmap_array(path)` maps an existing `.npy` file read-only;
+    `mmap_array(path, data)` first writes `data` there (atomically: a
     temporary file, then a rename), then maps it. The result pickles as a
     reference to the file, so `spawn` and `forkserver` workers re-map it in
     microseconds instead of receiving a copy, and all processes share the
@@ -207,18 +207,18 @@ def mmap_array(path: str | os.PathLike, data=None) -> MmapArray:
 
     Args:
         path: the `.npy` file (conventionally named `*.npy`).
-        data: a numpy array or CPU tensor of numbers to write to ``path``
+        data: a numpy array or CPU tensor of numbers to write to `path`
             first (an existing file is replaced); `None` (the default) opens
-            ``path`` as it is.
+            `path` as it is.
 
     Returns:
         A read-only `MmapArray` (a `numpy.memmap` subclass). An empty array
         cannot be mapped and comes back as a plain read-only `numpy.ndarray`.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist (and no ``data`` was given).
-        TypeError: ``data`` is not an array of numbers.
-        ValueError: ``path`` is not a `.npy` file, holds Python objects, or is truncated.
+        FileNotFoundError: `path` does not exist (and no `data` was given).
+        TypeError: `data` is not an array of numbers.
+        ValueError: `path` is not a `.npy` file, holds Python objects, or is truncated.
 
     Examples:
         >>> import tempfile, pathlib, numpy as np

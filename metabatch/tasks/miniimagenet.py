@@ -1,6 +1,6 @@
 """mini-ImageNet (Vinyals et al. 2016) in the split of Ravi & Larochelle (2017), as one class array.
 
-:func:`load` reads the common layout of the data set::
+`load` reads the common layout of the data set:
 
     root/
       images/*.jpg          # n0153282900000005.jpg, ...
@@ -9,18 +9,18 @@
       test.csv
 
 decodes the images of one split named in its csv, converts them to RGB,
-resizes them (84x84 by default) and returns a :class:`MiniImagenet`: a uint8
-array ``[num_classes, images_per_class, 3, size, size]`` (600 images per class
+resizes them (84x84 by default) and returns a `MiniImagenet`: a uint8
+array `[num_classes, images_per_class, 3, size, size]` (600 images per class
 in the official files: 64 train, 16 val, 20 test classes) plus the label
-(WordNet id) of every class. :func:`sampler` turns the array into an N-way
-K-shot ``sample_task`` for :func:`metabatch.task_loader`: it is
-:func:`metabatch.tasks.classification` followed by the per-channel ImageNet
+(WordNet id) of every class. `sampler` turns the array into an N-way
+K-shot `sample_task` for `metabatch.task_loader`: it is
+`metabatch.tasks.classification` followed by the per-channel ImageNet
 normalisation that MAML-Pytorch (dragen1860) applies.
 
-The resized array is cached as a uint8 ``.npy`` (plus a ``.json`` of class
+The resized array is cached as a uint8 `.npy` (plus a `.json` of class
 names), one per split, size and filter, in the user cache folder
-(``$METABATCH_CACHE/miniimagenet``, else ``$XDG_CACHE_HOME/metabatch/miniimagenet``,
-else ``~/.cache/metabatch/miniimagenet``) or in the ``cache_dir`` you pass,
+(`$METABATCH_CACHE/miniimagenet`, else `$XDG_CACHE_HOME/metabatch/miniimagenet`,
+else `~/.cache/metabatch/miniimagenet`) or in the `cache_dir` you pass,
 and read back memory-mapped (`metabatch.tasks.MmapArray`): loader workers
 share it instead of copying it. Pillow decodes the JPEGs; it is needed only
 to build a cache.
@@ -47,9 +47,9 @@ from .classification import Classification, classification
 __all__ = ["MEAN", "STD", "MiniImagenet", "Sampler", "load", "sampler"]
 
 MEAN = (0.485, 0.456, 0.406)
-"""ImageNet's per-channel (R, G, B) mean in ``[0, 1]``: what :func:`sampler` subtracts, as MAML-Pytorch does."""
+"""ImageNet's per-channel (R, G, B) mean in `[0, 1]`: what `sampler` subtracts, as MAML-Pytorch does."""
 STD = (0.229, 0.224, 0.225)
-"""ImageNet's per-channel (R, G, B) standard deviation in ``[0, 1]``: what :func:`sampler` divides by."""
+"""ImageNet's per-channel (R, G, B) standard deviation in `[0, 1]`: what `sampler` divides by."""
 
 _CACHE_FORMAT = 1
 
@@ -58,11 +58,11 @@ class MiniImagenet(NamedTuple):
     """One split of mini-ImageNet as one class array.
 
     Attributes:
-        images: uint8 ``[num_classes, images_per_class, 3, size, size]`` (RGB,
+        images: uint8 `[num_classes, images_per_class, 3, size, size]` (RGB,
             channels first); classes in the order they first appear in the
             csv, images in csv order within a class.
         classes: the label of each class as written in the csv (a WordNet id
-            such as ``"n01532829"`` in the official files).
+            such as `"n01532829"` in the official files).
     """
 
     images: np.ndarray
@@ -81,7 +81,7 @@ def _check_split(split) -> str:
 
 
 def _read_csv(path: Path) -> tuple[list, list]:
-    """``(classes in first-appearance order, [[filename, ...] per class])``."""
+    """`(classes in first-appearance order, [[filename, ...] per class])`."""
     with open(path, newline="") as f:
         rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
     if not rows or [cell.strip() for cell in rows[0]] != ["filename", "label"]:
@@ -105,7 +105,7 @@ def _read_csv(path: Path) -> tuple[list, list]:
 
 
 def _decode(path: Path, size: int | None, resample: str) -> np.ndarray:
-    """One image file -> uint8 ``[3, H, W]`` RGB, resized to ``size x size``."""
+    """One image file -> uint8 `[3, H, W]` RGB, resized to `size x size`."""
     _common.pil("miniimagenet", "JPEG files")
     try:
         data = path.read_bytes()
@@ -117,7 +117,7 @@ def _decode(path: Path, size: int | None, resample: str) -> np.ndarray:
 
 
 def _read_split(root: Path, csv_path: Path, size: int | None, resample: str, new_sink) -> dict:
-    """Decode the split's images into ``new_sink((num_classes, per_class))``; returns the class names."""
+    """Decode the split's images into `new_sink((num_classes, per_class))`; returns the class names."""
     classes, files = _read_csv(csv_path)
     counts = [len(f) for f in files]
     common = max(set(counts), key=counts.count)
@@ -172,9 +172,9 @@ def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample
          cache: bool = True, cache_dir: str | os.PathLike | None = None) -> MiniImagenet:
     """Read one split of mini-ImageNet from the Ravi & Larochelle layout.
 
-    Every image named in ``root/<split>.csv`` is read from ``root/images/``,
-    converted to RGB and resized to ``size x size`` with Pillow's ``resample``
-    filter (bilinear by default, what ``torchvision.transforms.Resize`` and so
+    Every image named in `root/<split>.csv` is read from `root/images/`,
+    converted to RGB and resized to `size x size` with Pillow's `resample`
+    filter (bilinear by default, what `torchvision.transforms.Resize` and so
     MAML-Pytorch use). The first call decodes every image (about 2 ms each, on up
     to 8 threads; the training split holds 38 400) and caches the array; later calls map the
     cache. A cache is used only while it matches the request (same csv bytes,
@@ -182,39 +182,39 @@ def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample
     streamed to a temporary file (a build holds a few hundred images in
     memory, not the split) and renamed into place, and a damaged, stale or
     half-written cache is rebuilt, never trusted. With the cache on,
-    ``images`` is a read-only `metabatch.tasks.MmapArray`: loader workers
+    `images` is a read-only `metabatch.tasks.MmapArray`: loader workers
     under any start method share it with the main process.
 
     Args:
-        root: the folder holding ``images/`` and the csv files.
-        split: ``"train"``, ``"val"`` or ``"test"`` (any ``<split>.csv`` in
-            ``root`` works).
-        size: the output side in pixels; ``None`` keeps the stored size (all
+        root: the folder holding `images/` and the csv files.
+        split: `"train"`, `"val"` or `"test"` (any `<split>.csv` in
+            `root` works).
+        size: the output side in pixels; `None` keeps the stored size (all
             images must then have the same size).
-        resample: ``"bilinear"``, ``"lanczos"``, ``"box"``, ``"bicubic"``,
-            ``"hamming"`` or ``"nearest"``.
-        cache: read and write the cache; ``False`` always decodes, into memory.
-        cache_dir: the folder of the cache (created if missing). ``None``:
-            ``$METABATCH_CACHE/miniimagenet``, else
-            ``$XDG_CACHE_HOME/metabatch/miniimagenet``, else
-            ``~/.cache/metabatch/miniimagenet``; logged once (logger
-            ``metabatch.tasks``, level INFO). Nothing is written into
-            ``root`` unless ``cache_dir`` points there; a cache that metabatch
+        resample: `"bilinear"`, `"lanczos"`, `"box"`, `"bicubic"`,
+            `"hamming"` or `"nearest"`.
+        cache: read and write the cache; `False` always decodes, into memory.
+        cache_dir: the folder of the cache (created if missing). `None`:
+            `$METABATCH_CACHE/miniimagenet`, else
+            `$XDG_CACHE_HOME/metabatch/miniimagenet`, else
+            `~/.cache/metabatch/miniimagenet`; logged once (logger
+            `metabatch.tasks`, level INFO). Nothing is written into
+            `root` unless `cache_dir` points there; a cache that metabatch
             < 0.10 wrote next to the csv files
-            (``<split>.<size>px-<resample>.npy``) is still read while it matches.
+            (`<split>.<size>px-<resample>.npy`) is still read while it matches.
 
     Returns:
-        A :class:`MiniImagenet` ``(images, classes)``.
+        A `MiniImagenet` `(images, classes)`.
 
     Raises:
-        FileNotFoundError: ``root`` or ``root/<split>.csv`` does not exist, or
-            an image named in the csv is missing from ``root/images``.
+        FileNotFoundError: `root` or `root/<split>.csv` does not exist, or
+            an image named in the csv is missing from `root/images`.
         ValueError: a malformed csv (header, rows, a file listed twice),
             classes with different numbers of images (named), an image Pillow
-            cannot read (named), a bad ``size`` or ``resample``.
-        TypeError: ``split`` or ``size`` of the wrong type.
+            cannot read (named), a bad `size` or `resample`.
+        TypeError: `split` or `size` of the wrong type.
         ImportError: Pillow is missing and there is no cache to read.
-        OSError: ``cache_dir`` was given but cannot be written.
+        OSError: `cache_dir` was given but cannot be written.
 
     Examples:
         >>> import tempfile, pathlib
@@ -264,13 +264,13 @@ def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Sampler:
-    """A picklable N-way K-shot ``sample_task`` over RGB images; make one with :func:`sampler`.
+    """A picklable N-way K-shot `sample_task` over RGB images; make one with `sampler`.
 
     Attributes:
-        tasks: the :class:`metabatch.tasks.Classification` that draws the tasks.
-        mean: float32 ``[C, 1, 1]`` subtracted from every image in ``[0, 1]``,
-            or ``None`` (no normalisation).
-        std: float32 ``[C, 1, 1]`` that the centred images are divided by, or ``None``.
+        tasks: the `metabatch.tasks.Classification` that draws the tasks.
+        mean: float32 `[C, 1, 1]` subtracted from every image in `[0, 1]`,
+            or `None` (no normalisation).
+        std: float32 `[C, 1, 1]` that the centred images are divided by, or `None`.
     """
 
     tasks: Classification
@@ -278,7 +278,7 @@ class Sampler:
     std: np.ndarray | None
 
     def __call__(self, key: _random.Key, idx: int, n_ctx: int, n_tgt: int) -> dict:
-        """One task; see :func:`sampler`.
+        """One task; see `sampler`.
 
         Examples:
             >>> import numpy as np, metabatch as mb
@@ -301,34 +301,34 @@ def sampler(images: MiniImagenet | np.ndarray, ways: int, *, normalize: bool | t
             shuffle: bool = False, info: bool = False) -> Sampler:
     """N-way K-shot tasks over mini-ImageNet, normalised as MAML-Pytorch does.
 
-    The task is that of :func:`metabatch.tasks.classification` (``ways``
-    distinct classes, labels ``0 .. ways-1`` in the order drawn, ``n_ctx``
-    support and ``n_tgt`` query images per class, rows grouped by label),
-    then each image, scaled to ``[0, 1]``, is normalised per channel:
-    ``(x - MEAN) / STD`` with ImageNet's statistics, the
-    ``transforms.Normalize`` of MAML-Pytorch's ``MiniImagenet`` dataset. No
+    The task is that of `metabatch.tasks.classification` (`ways`
+    distinct classes, labels `0 .. ways-1` in the order drawn, `n_ctx`
+    support and `n_tgt` query images per class, rows grouped by label),
+    then each image, scaled to `[0, 1]`, is normalised per channel:
+    `(x - MEAN) / STD` with ImageNet's statistics, the
+    `transforms.Normalize` of MAML-Pytorch's `MiniImagenet` dataset. No
     rotations: unlike Omniglot characters, a turned photo is not a new class.
 
     Args:
-        images: a :class:`MiniImagenet` from :func:`load`, or its uint8
-            ``images`` array ``[num_classes, images_per_class, C, H, W]``.
+        images: a `MiniImagenet` from `load`, or its uint8
+            `images` array `[num_classes, images_per_class, C, H, W]`.
         ways: classes per task (N).
-        normalize: ``True``: ImageNet's :data:`MEAN` and :data:`STD`;
-            ``False``: keep ``[0, 1]``; or a pair ``(mean, std)`` of
+        normalize: `True`: ImageNet's `MEAN` and `STD`;
+            `False`: keep `[0, 1]`; or a pair `(mean, std)` of
             per-channel values.
         shuffle: shuffle the rows of the support and of the query set.
-        info: also return ``"info": {"classes": ..., "rotations": ...}``, the
-            class indices behind labels ``0 .. ways-1``.
+        info: also return `"info": {"classes": ..., "rotations": ...}`, the
+            class indices behind labels `0 .. ways-1`.
 
     Returns:
-        A :class:`Sampler` ``sample_task(key, idx, n_ctx, n_tgt) ->
-        {"context": (x, y), "target": (x, y)}``: float32 ``x`` of shape
-        ``[ways * n_ctx, C, H, W]`` (resp. ``n_tgt``), int64 ``y``.
+        A `Sampler` `sample_task(key, idx, n_ctx, n_tgt) ->
+        {"context": (x, y), "target": (x, y)}`: float32 `x` of shape
+        `[ways * n_ctx, C, H, W]` (resp. `n_tgt`), int64 `y`.
 
     Raises:
-        TypeError: ``images`` is not a uint8 array, or a bad ``normalize``.
-        ValueError: ``images`` is not ``[classes, images, C, H, W]``, ``ways``
-            is out of range, or ``normalize`` does not give one value per channel.
+        TypeError: `images` is not a uint8 array, or a bad `normalize`.
+        ValueError: `images` is not `[classes, images, C, H, W]`, `ways`
+            is out of range, or `normalize` does not give one value per channel.
 
     Examples:
         >>> import numpy as np, metabatch as mb

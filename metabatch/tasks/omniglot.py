@@ -1,25 +1,25 @@
 """Omniglot (Lake et al. 2015): the official zips or folders as one class array.
 
-:func:`load` reads ``images_background.zip``, ``images_evaluation.zip``,
-``images_background_small1.zip`` / ``small2.zip`` or their unpacked folders
-(``alphabet/character/*.png``), resizes every image (28x28 by default) and
-returns an :class:`Omniglot`: a uint8 array ``[num_classes, 20, size, size]``
+`load` reads `images_background.zip`, `images_evaluation.zip`,
+`images_background_small1.zip` / `small2.zip` or their unpacked folders
+(`alphabet/character/*.png`), resizes every image (28x28 by default) and
+returns an `Omniglot`: a uint8 array `[num_classes, 20, size, size]`
 (ink 255 on paper 0) plus the alphabet and character name of every class, so
-that you can split by alphabet with :func:`select`. Feed ``data.images`` to
-:func:`metabatch.tasks.classification` for N-way K-shot tasks.
+that you can split by alphabet with `select`. Feed `data.images` to
+`metabatch.tasks.classification` for N-way K-shot tasks.
 
-The resized array is cached as a uint8 ``.npy`` (plus a ``.json`` of names)
-in the user cache folder, ``$METABATCH_CACHE/omniglot`` (else
-``$XDG_CACHE_HOME/metabatch/omniglot``, else ``~/.cache/metabatch/omniglot``),
-or in the ``cache_dir`` you pass, and read back memory-mapped: ``images`` is a
+The resized array is cached as a uint8 `.npy` (plus a `.json` of names)
+in the user cache folder, `$METABATCH_CACHE/omniglot` (else
+`$XDG_CACHE_HOME/metabatch/omniglot`, else `~/.cache/metabatch/omniglot`),
+or in the `cache_dir` you pass, and read back memory-mapped: `images` is a
 read-only `metabatch.tasks.MmapArray` that loader workers share instead of
 copying. Pillow decodes the PNG files; it is needed only to build a cache.
 
-:func:`load_runs` reads the 20 one-shot classification runs of Lake et al.
-(``all_runs.zip``: ``runXX/training/classNN.png``, ``runXX/test/itemNN.png``,
-``runXX/class_labels.txt``) and :func:`score_runs` scores a classifier on
-them. :func:`download` fetches the official files (``load(...,
-download=True)`` calls it) and checks their sha256.
+`load_runs` reads the 20 one-shot classification runs of Lake et al.
+(`all_runs.zip`: `runXX/training/classNN.png`, `runXX/test/itemNN.png`,
+`runXX/class_labels.txt`) and `score_runs` scores a classifier on
+them. `download` fetches the official files (`load(...,
+download=True)` calls it) and checks their sha256.
 
 Cite: Lake, Salakhutdinov & Tenenbaum (2015), Human-level concept learning
 through probabilistic program induction, Science 350(6266), 1332-1338.
@@ -61,8 +61,8 @@ class Source(NamedTuple):
 
     Attributes:
         url: the download URL (Brenden Lake's repository).
-        sha256: the hex sha256 of the file, or ``None`` where none is published.
-        size: the size in bytes, or ``None``.
+        sha256: the hex sha256 of the file, or `None` where none is published.
+        size: the size in bytes, or `None`.
     """
 
     url: str
@@ -74,7 +74,7 @@ _BASE = "https://github.com/brendenlake/omniglot/raw/master/python/"
 
 #: The official files. The four image zips' checksums are those that TensorFlow Datasets
 #: pins for the same URLs (the two small zips were verified against local copies);
-#: ``all_runs.zip``'s is that of the file in the repository's python/one-shot-classification/.
+#: `all_runs.zip`'s is that of the file in the repository's python/one-shot-classification/.
 SOURCES = {
     "images_background.zip": Source(
         _BASE + "images_background.zip",
@@ -94,7 +94,7 @@ SOURCES = {
 }
 
 def _urlopen(url: str, timeout: float):
-    """Open ``url`` (a module attribute, so that tests can serve local files instead)."""
+    """Open `url` (a module attribute, so that tests can serve local files instead)."""
     import urllib.request  # imported on use: it costs more than the rest of this module
 
     return urllib.request.urlopen(url, timeout=timeout)
@@ -106,11 +106,11 @@ class Omniglot(NamedTuple):
     """Omniglot characters as one class array.
 
     Attributes:
-        images: uint8 ``[num_classes, examples_per_class, size, size]``, ink 255
+        images: uint8 `[num_classes, examples_per_class, size, size]`, ink 255
             on paper 0; classes sorted by (alphabet, character), examples by
             file name (drawer).
-        alphabets: the alphabet name of each class, e.g. ``"Japanese_(katakana)"``.
-        characters: the character folder of each class, e.g. ``"character07"``.
+        alphabets: the alphabet name of each class, e.g. `"Japanese_(katakana)"`.
+        characters: the character folder of each class, e.g. `"character07"`.
     """
 
     images: np.ndarray
@@ -127,10 +127,10 @@ def _check_resample(resample) -> str:
 
 
 def _decode(data: bytes, size: int | None, resample: str, where: str = "") -> np.ndarray:
-    """One PNG -> uint8 (ink 255), resized to ``size x size`` with Pillow's ``resample`` filter.
+    """One PNG -> uint8 (ink 255), resized to `size x size` with Pillow's `resample` filter.
 
     Raises:
-        ValueError: Pillow cannot read it (junk, truncated): the message names ``where``.
+        ValueError: Pillow cannot read it (junk, truncated): the message names `where`.
     """
     Image = _common.pil("omniglot", "Omniglot PNG files")
     try:
@@ -156,7 +156,7 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
 
 
 def _member_reader(archive: zipfile.ZipFile, path: Path) -> Callable[[str], bytes]:
-    """``archive.read``, with damaged members named."""
+    """`archive.read`, with damaged members named."""
     def read(name: str) -> bytes:
         try:
             return archive.read(name)
@@ -169,7 +169,7 @@ def _member_reader(archive: zipfile.ZipFile, path: Path) -> Callable[[str], byte
 # -- reading a zip or a folder ------------------------------------------------------------------
 
 def _pngs(path: Path) -> tuple[dict, Callable[[str], bytes], Callable[[], None]]:
-    """``{(alphabet, character): [names]}``, a reader for a name, and a closer."""
+    """`{(alphabet, character): [names]}`, a reader for a name, and a closer."""
     groups: dict = {}
     if path.is_dir():
         files = [p for p in path.rglob("*.png") if not any(part.startswith((".", "__MACOSX"))
@@ -187,7 +187,7 @@ def _pngs(path: Path) -> tuple[dict, Callable[[str], bytes], Callable[[], None]]
 
 
 def _read_source(path: Path, size: int | None, resample: str, new_sink: Callable) -> dict:
-    """Decode every PNG into ``new_sink((num_classes, per_class))``; returns the class names."""
+    """Decode every PNG into `new_sink((num_classes, per_class))`; returns the class names."""
     groups, read, close = _pngs(path)
     try:
         if not groups:
@@ -246,45 +246,45 @@ def load(path: str | os.PathLike, *, size: int | None = 28, resample: str = "lan
     """Read Omniglot from an official zip or its unpacked folder.
 
     Images are inverted (ink 255 on paper 0, as models expect) and resized
-    with Pillow's ``resample`` filter (Lanczos, as in Finn et al.'s MAML
+    with Pillow's `resample` filter (Lanczos, as in Finn et al.'s MAML
     preprocessing). The first call decodes every PNG (a few seconds for
-    ``images_background.zip``) and caches the result; later calls map the
+    `images_background.zip`) and caches the result; later calls map the
     cache (milliseconds). A cache is used only while it matches the request
     (same source: zip directory, or file sizes and times in a folder; same
     size and filter); anything else is rebuilt.
 
-    With the cache on, ``images`` is a read-only `metabatch.tasks.MmapArray`
+    With the cache on, `images` is a read-only `metabatch.tasks.MmapArray`
     of the cache file: loader workers under any start method share it with
     the main process instead of copying it.
 
     Args:
-        path: a zip (``images_background.zip``, ``images_evaluation.zip``,
-            ``images_background_small1.zip`` ...) or a folder holding
-            ``alphabet/character/*.png`` (one level above is fine too).
-        size: the output side in pixels; ``None`` keeps 105x105.
-        resample: ``"lanczos"``, ``"box"``, ``"bilinear"``, ``"bicubic"``,
-            ``"hamming"`` or ``"nearest"``.
-        cache: read and write the cache; ``False`` always decodes, into memory.
-        cache_dir: the folder of the cache (created if missing). ``None``:
-            ``$METABATCH_CACHE/omniglot``, else
-            ``$XDG_CACHE_HOME/metabatch/omniglot``, else
-            ``~/.cache/metabatch/omniglot``; logged once (logger
-            ``metabatch.tasks``, level INFO). Nothing is written next to the
-            data unless ``cache_dir`` points there; a cache that metabatch <
+        path: a zip (`images_background.zip`, `images_evaluation.zip`,
+            `images_background_small1.zip` ...) or a folder holding
+            `alphabet/character/*.png` (one level above is fine too).
+        size: the output side in pixels; `None` keeps 105x105.
+        resample: `"lanczos"`, `"box"`, `"bilinear"`, `"bicubic"`,
+            `"hamming"` or `"nearest"`.
+        cache: read and write the cache; `False` always decodes, into memory.
+        cache_dir: the folder of the cache (created if missing). `None`:
+            `$METABATCH_CACHE/omniglot`, else
+            `$XDG_CACHE_HOME/metabatch/omniglot`, else
+            `~/.cache/metabatch/omniglot`; logged once (logger
+            `metabatch.tasks`, level INFO). Nothing is written next to the
+            data unless `cache_dir` points there; a cache that metabatch <
             0.10 wrote next to the data is still read while it matches.
-        download: fetch ``path`` first with `download` if it is missing and
+        download: fetch `path` first with `download` if it is missing and
             named like an official file; if it is there, check its sha256.
 
     Returns:
-        An `Omniglot` ``(images, alphabets, characters)``.
+        An `Omniglot` `(images, alphabets, characters)`.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist (and ``download`` is off).
+        FileNotFoundError: `path` does not exist (and `download` is off).
         ValueError: no PNG files, characters with different numbers of images,
             a damaged zip or image (named), a file whose sha256 does not match
-            (with ``download=True``), a bad ``size`` or ``resample``.
+            (with `download=True`), a bad `size` or `resample`.
         ImportError: Pillow is missing and there is no cache to read.
-        OSError: ``cache_dir`` was given but cannot be written; a failed download.
+        OSError: `cache_dir` was given but cannot be written; a failed download.
 
     Examples:
         >>> import tempfile, pathlib, numpy as np
@@ -329,16 +329,16 @@ def select(data: Omniglot, alphabets: Sequence[str] | None = None, *,
     """The classes of some alphabets, e.g. to evaluate on alphabets never trained on.
 
     Args:
-        data: an :class:`Omniglot`.
-        alphabets: the alphabet names to keep (``None``: all).
-        exclude: alphabet names to drop (applied after ``alphabets``); unknown
-            names are fine here, so ``exclude=train.alphabets`` works.
+        data: an `Omniglot`.
+        alphabets: the alphabet names to keep (`None`: all).
+        exclude: alphabet names to drop (applied after `alphabets`); unknown
+            names are fine here, so `exclude=train.alphabets` works.
 
     Returns:
-        A new :class:`Omniglot` (the images are copied), classes in their order.
+        A new `Omniglot` (the images are copied), classes in their order.
 
     Raises:
-        ValueError: a name in ``alphabets`` is not in ``data``, or nothing is left.
+        ValueError: a name in `alphabets` is not in `data`, or nothing is left.
 
     Examples:
         >>> import numpy as np
@@ -370,11 +370,11 @@ def select(data: Omniglot, alphabets: Sequence[str] | None = None, *,
 
 
 def concat(*datasets: Omniglot) -> Omniglot:
-    """Join the classes of several :class:`Omniglot` values (e.g. background + evaluation).
+    """Join the classes of several `Omniglot` values (e.g. background + evaluation).
 
     Raises:
         ValueError: no dataset, shapes that differ, or a class (alphabet,
-            character) present twice: drop it first with :func:`select`.
+            character) present twice: drop it first with `select`.
 
     Examples:
         >>> import numpy as np
@@ -416,27 +416,27 @@ def _sha256_file(path: Path) -> str:
 
 def download(name: str, root: str | os.PathLike = ".", *, sha256: str | None = None,
              timeout: float = 60.0) -> Path:
-    """Fetch an official Omniglot file into ``root`` and check its sha256.
+    """Fetch an official Omniglot file into `root` and check its sha256.
 
     The file is streamed into a temporary file beside its destination and
-    renamed into place only once its size and sha256 match :data:`SOURCES`,
+    renamed into place only once its size and sha256 match `SOURCES`,
     so an interrupted or corrupt download never leaves a file behind. An
     existing file is checked, not fetched again.
 
     Args:
-        name: one of ``SOURCES``: ``"images_background.zip"``,
-            ``"images_evaluation.zip"``, ``"images_background_small1.zip"``,
-            ``"images_background_small2.zip"``, ``"all_runs.zip"``.
+        name: one of `SOURCES`: `"images_background.zip"`,
+            `"images_evaluation.zip"`, `"images_background_small1.zip"`,
+            `"images_background_small2.zip"`, `"all_runs.zip"`.
         root: the destination folder (created if missing).
         sha256: the expected hex sha256, overriding the table (for a copy
             that differs from the official file).
         timeout: seconds to wait for the server.
 
     Returns:
-        The path of the verified file, ``root / name``.
+        The path of the verified file, `root / name`.
 
     Raises:
-        ValueError: an unknown ``name``, or a file whose size or sha256 does
+        ValueError: an unknown `name`, or a file whose size or sha256 does
             not match (nothing is kept).
         OSError: the download itself failed (no network...).
 
@@ -502,14 +502,14 @@ class Run(NamedTuple):
     """One of Lake et al.'s 20-way one-shot classification runs.
 
     Attributes:
-        name: the run's folder name, e.g. ``"run01"``.
-        training: uint8 ``[n_train, size, size]`` (ink 255): one image per
-            class, in file-name order (``class01``, ``class02``, ...): every
-            image of ``training/``, referenced in ``class_labels.txt`` or not.
-        test: uint8 ``[n_test, size, size]``: the items to classify, in
-            file-name order (``item01``, ...).
-        labels: int64 ``[n_test]``: the index into ``training`` of each test
-            item's class (from ``class_labels.txt``).
+        name: the run's folder name, e.g. `"run01"`.
+        training: uint8 `[n_train, size, size]` (ink 255): one image per
+            class, in file-name order (`class01`, `class02`, ...): every
+            image of `training/`, referenced in `class_labels.txt` or not.
+        test: uint8 `[n_test, size, size]`: the items to classify, in
+            file-name order (`item01`, ...).
+        labels: int64 `[n_test]`: the index into `training` of each test
+            item's class (from `class_labels.txt`).
     """
 
     name: str
@@ -519,7 +519,7 @@ class Run(NamedTuple):
 
 
 def _tail(entry: str) -> str:
-    """``run01/test/item01.png`` (or ``test/item01.png``) -> ``test/item01.png``."""
+    """`run01/test/item01.png` (or `test/item01.png`) -> `test/item01.png`."""
     parts = PurePosixPath(entry.replace("\\", "/")).parts
     if len(parts) < 2 or parts[-2] not in ("training", "test"):
         raise ValueError(f"class_labels.txt: {entry!r} is not a training/... or test/... image path.")
@@ -545,23 +545,23 @@ def load_runs(path: str | os.PathLike, *, size: int | None = 28, resample: str =
     """Read Lake et al.'s one-shot classification runs.
 
     Args:
-        path: ``all_runs.zip``, the folder it unpacks to (holding ``run01`` ..
-            ``run20``), or one run folder. Each run holds
-            ``class_labels.txt`` (lines ``runXX/test/itemNN.png
-            runXX/training/classNN.png``), ``training/*.png`` and ``test/*.png``.
-        size: the output side in pixels (as in :func:`load`); ``None`` keeps 105.
-        resample: the Pillow filter, as in :func:`load`.
-        download: if ``path`` is ``all_runs.zip``, fetch it when missing and
+        path: `all_runs.zip`, the folder it unpacks to (holding `run01` ..
+            `run20`), or one run folder. Each run holds
+            `class_labels.txt` (lines `runXX/test/itemNN.png
+            runXX/training/classNN.png`), `training/*.png` and `test/*.png`.
+        size: the output side in pixels (as in `load`); `None` keeps 105.
+        resample: the Pillow filter, as in `load`.
+        download: if `path` is `all_runs.zip`, fetch it when missing and
             check its sha256 (the official file's) when it is there.
 
     Returns:
-        A tuple of :class:`Run`, sorted by name.
+        A tuple of `Run`, sorted by name.
 
     Raises:
-        FileNotFoundError: no runs at ``path``.
-        ValueError: a malformed ``class_labels.txt``, a damaged zip or image
-            (named), an ``all_runs.zip`` whose sha256 does not match (with
-            ``download=True``).
+        FileNotFoundError: no runs at `path`.
+        ValueError: a malformed `class_labels.txt`, a damaged zip or image
+            (named), an `all_runs.zip` whose sha256 does not match (with
+            `download=True`).
         OSError: a failed download (the message names the URL).
 
     Examples:
@@ -615,10 +615,10 @@ def load_runs(path: str | os.PathLike, *, size: int | None = 28, resample: str =
 
 
 class RunsScore(NamedTuple):
-    """The result of :func:`score_runs`.
+    """The result of `score_runs`.
 
     Attributes:
-        errors: float64 ``[num_runs]``: the percent error of each run.
+        errors: float64 `[num_runs]`: the percent error of each run.
         mean_error: their mean, in percent (Lake et al. report this).
     """
 
@@ -629,25 +629,25 @@ class RunsScore(NamedTuple):
 def score_runs(runs: Sequence[Run], classify: Callable, *, channel_dim: bool = True) -> RunsScore:
     """Score a one-shot classifier on Lake et al.'s runs (percent error, as in the paper).
 
-    For each run, ``classify(support, query)`` sees the run's training images
-    (``support[i]`` is the only example of class ``i``) and its test images,
-    both float32 in ``[0, 1]`` (ink 1) of shape ``[n, 1, size, size]`` (or
-    ``[n, size, size]`` with ``channel_dim=False``), exactly as
-    :func:`metabatch.tasks.classification` produces them. It returns either
-    the predicted class of each query (ints ``[n_query]``) or a score matrix
-    ``[n_query, n_support]`` where larger means more alike (pass ``-cost``
+    For each run, `classify(support, query)` sees the run's training images
+    (`support[i]` is the only example of class `i`) and its test images,
+    both float32 in `[0, 1]` (ink 1) of shape `[n, 1, size, size]` (or
+    `[n, size, size]` with `channel_dim=False`), exactly as
+    `metabatch.tasks.classification` produces them. It returns either
+    the predicted class of each query (ints `[n_query]`) or a score matrix
+    `[n_query, n_support]` where larger means more alike (pass `-cost`
     for a distance); numpy arrays and tensors both work.
 
     Args:
-        runs: the runs, from :func:`load_runs`.
-        classify: ``classify(support, query) -> predictions or scores``.
+        runs: the runs, from `load_runs`.
+        classify: `classify(support, query) -> predictions or scores`.
         channel_dim: give the images a channel dimension.
 
     Returns:
-        A :class:`RunsScore` ``(errors, mean_error)`` in percent.
+        A `RunsScore` `(errors, mean_error)` in percent.
 
     Raises:
-        ValueError: ``classify`` returned something of the wrong shape.
+        ValueError: `classify` returned something of the wrong shape.
 
     Examples:
         >>> import numpy as np

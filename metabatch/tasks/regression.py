@@ -1,11 +1,11 @@
 """Regression task families: sinusoids (Finn et al. 2017) and Gaussian-process functions.
 
-Both follow the ``sample_task(key, idx, n_ctx, n_tgt)`` protocol of
-:func:`metabatch.task_loader` and return
-``{"context": (x, y), "target": (x, y)}`` with float32 arrays of shape
-``(n, 1)``. Every random number comes from ``key``; ``idx`` is ignored (the
+Both follow the `sample_task(key, idx, n_ctx, n_tgt)` protocol of
+`metabatch.task_loader` and return
+`{"context": (x, y), "target": (x, y)}` with float32 arrays of shape
+`(n, 1)`. Every random number comes from `key`; `idx` is ignored (the
 space of functions is continuous, so a task has no natural index: the
-``num_tasks`` given to :func:`metabatch.batch_specs` only sets its epoch
+`num_tasks` given to `metabatch.batch_specs` only sets its epoch
 length and can be any positive int).
 """
 
@@ -29,34 +29,34 @@ _FINN_X = (-5.0, 5.0)
 def sinusoid(key: _random.Key, idx: int, n_ctx: int, n_tgt: int, *,
              amplitude: tuple[float, float] = _FINN_AMPLITUDE, phase: tuple[float, float] = _FINN_PHASE,
              x_range: tuple[float, float] = _FINN_X, info: bool = False) -> dict:
-    """One sine-wave regression task: ``y = amplitude * sin(x + phase)``.
+    """One sine-wave regression task: `y = amplitude * sin(x + phase)`.
 
     The protocol of Finn et al. (2017, MAML): amplitude ~ U[0.1, 5], phase ~
     U[0, pi], inputs ~ U[-5, 5], no observation noise. Context and target
     points are independent draws on the same curve. The random stream (stable):
-    ``rng = numpy_rng(key)``; amplitude, then phase, then the ``n_ctx + n_tgt``
+    `rng = numpy_rng(key)`; amplitude, then phase, then the `n_ctx + n_tgt`
     inputs, context first.
 
-    Pass options to :func:`metabatch.task_loader` with ``functools.partial``
-    (``partial(sinusoid, info=True)``), which stays picklable.
+    Pass options to `metabatch.task_loader` with `functools.partial`
+    (`partial(sinusoid, info=True)`), which stays picklable.
 
     Args:
         key: the task's key: it fixes the curve and the points.
         idx: ignored (every task is a fresh draw); any int.
         n_ctx: context (support) points.
         n_tgt: target (query) points.
-        amplitude: the ``(low, high)`` range of the amplitude.
-        phase: the ``(low, high)`` range of the phase.
-        x_range: the ``(low, high)`` range of the inputs.
-        info: also return ``"info": {"amplitude": a, "phase": p}`` (float32
+        amplitude: the `(low, high)` range of the amplitude.
+        phase: the `(low, high)` range of the phase.
+        x_range: the `(low, high)` range of the inputs.
+        info: also return `"info": {"amplitude": a, "phase": p}` (float32
             scalars), e.g. to plot the true curve.
 
     Returns:
-        ``{"context": (x, y), "target": (x, y)}``: float32 arrays of shapes
-        ``(n_ctx, 1)`` and ``(n_tgt, 1)``; plus ``"info"`` with ``info=True``.
+        `{"context": (x, y), "target": (x, y)}`: float32 arrays of shapes
+        `(n_ctx, 1)` and `(n_tgt, 1)`; plus `"info"` with `info=True`.
 
     Raises:
-        TypeError: ``n_ctx`` / ``n_tgt`` are not ints, or a range is not a pair.
+        TypeError: `n_ctx` / `n_tgt` are not ints, or a range is not a pair.
         ValueError: a size is negative or a range is empty.
 
     Examples:
@@ -89,10 +89,10 @@ def sinusoid(key: _random.Key, idx: int, n_ctx: int, n_tgt: int, *,
 
 @dataclasses.dataclass(frozen=True)
 class GP:
-    """A picklable ``sample_task`` drawing 1-D functions from a Gaussian process.
+    """A picklable `sample_task` drawing 1-D functions from a Gaussian process.
 
-    Make one with :func:`gp`, which checks the arguments; the fields are
-    those of :func:`gp`, with ranges stored as ``(low, high)`` pairs.
+    Make one with `gp`, which checks the arguments; the fields are
+    those of `gp`, with ranges stored as `(low, high)` pairs.
     """
 
     length_scale: tuple
@@ -102,7 +102,7 @@ class GP:
     info: bool = False
 
     def __call__(self, key: _random.Key, idx: int, n_ctx: int, n_tgt: int) -> dict:
-        """One GP regression task; see :func:`gp`.
+        """One GP regression task; see `gp`.
 
         Examples:
             >>> import metabatch as mb
@@ -137,28 +137,28 @@ def gp(length_scale: float | tuple[float, float] = 0.6, output_scale: float | tu
        noise: float = 0.02, x_range: tuple[float, float] = (-2.0, 2.0), *, info: bool = False) -> GP:
     """A task family of 1-D functions drawn from a Gaussian process (for neural processes).
 
-    Each task draws ``n_ctx + n_tgt`` inputs ``x ~ U[x_range]`` and one joint
-    sample ``y ~ N(0, K + noise**2 I)`` with the RBF kernel
-    ``K[i, j] = output_scale**2 * exp(-(x_i - x_j)**2 / (2 * length_scale**2))``:
+    Each task draws `n_ctx + n_tgt` inputs `x ~ U[x_range]` and one joint
+    sample `y ~ N(0, K + noise**2 I)` with the RBF kernel
+    `K[i, j] = output_scale**2 * exp(-(x_i - x_j)**2 / (2 * length_scale**2))`:
     context and target points lie on the *same* function. The defaults are
     those of the conditional neural process paper (Garnelo et al. 2018).
     Context and target are disjoint; for the NP convention "targets include
     the context", concatenate them. The random stream (stable):
-    ``rng = numpy_rng(key)``; length scale and output scale (only those given
+    `rng = numpy_rng(key)`; length scale and output scale (only those given
     as ranges), then the inputs, then the standard normals.
 
     Args:
-        length_scale: the kernel's length scale (``> 0``), or a
-            ``(low, high)`` range to draw one per task.
-        output_scale: the function's standard deviation (``> 0``), or a range.
-        noise: the standard deviation of Gaussian observation noise (``>= 0``).
-        x_range: the ``(low, high)`` range of the inputs.
-        info: also return ``"info": {"length_scale", "output_scale"}`` per task.
+        length_scale: the kernel's length scale (`> 0`), or a
+            `(low, high)` range to draw one per task.
+        output_scale: the function's standard deviation (`> 0`), or a range.
+        noise: the standard deviation of Gaussian observation noise (`>= 0`).
+        x_range: the `(low, high)` range of the inputs.
+        info: also return `"info": {"length_scale", "output_scale"}` per task.
 
     Returns:
-        A :class:`GP`: ``GP(key, idx, n_ctx, n_tgt) -> {"context": (x, y),
-        "target": (x, y)}`` with float32 arrays of shape ``(n, 1)``. It is
-        picklable, so it works with any loader start method; ``idx`` is ignored.
+        A `GP`: `GP(key, idx, n_ctx, n_tgt) -> {"context": (x, y),
+        "target": (x, y)}` with float32 arrays of shape `(n, 1)`. It is
+        picklable, so it works with any loader start method; `idx` is ignored.
 
     Raises:
         TypeError: an argument is not a number (or a pair of numbers).

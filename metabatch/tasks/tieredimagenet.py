@@ -5,20 +5,20 @@ tiered-ImageNet is a larger few-shot subset of ILSVRC-12: 608 classes
 into 20 training (351 classes), 6 validation (97) and 8 test (160)
 categories, so that test classes are far from the training ones. Classes
 have different sizes (732 to 1 300 images), so `load` returns a flat array
-``[num_images, 3, size, size]`` plus the class label of every image, and
+`[num_images, 3, size, size]` plus the class label of every image, and
 `sampler` draws N-way K-shot tasks over it (`metabatch.tasks.classification`
-with ``labels=``, then the ImageNet normalisation of
+with `labels=`, then the ImageNet normalisation of
 `metabatch.tasks.miniimagenet.sampler`).
 
-`load` reads the two common layouts (for one ``split``, ``"train"``,
-``"val"`` or ``"test"``), looked for in this order:
+`load` reads the two common layouts (for one `split`, `"train"`,
+`"val"` or `"test"`), looked for in this order:
 
-1. class folders, as tiered-imagenet-tools (Liu et al.) writes them::
+1. class folders, as tiered-imagenet-tools (Liu et al.) writes them:
 
        root/train/n01530575/*.jpg    # one folder per class (WordNet id), JPEG or PNG files
        root/val/...   root/test/...
 
-2. the per-split files of Ren et al.'s release, as most few-shot code reads them::
+2. the per-split files of Ren et al.'s release, as most few-shot code reads them:
 
        root/train_labels.pkl         # {"label_specific": int [N], "label_general": int [N],
                                      #  "label_specific_str": [class names], "label_general_str": [...]}
@@ -29,10 +29,10 @@ with ``labels=``, then the ImageNet normalisation of
    array constructors: a file that asks for anything else (which could run
    code) is refused, never executed.
 
-The decoded, resized images are cached as a uint8 ``.npy`` in the user cache
-folder (``$METABATCH_CACHE/tieredimagenet``, else
-``$XDG_CACHE_HOME/metabatch/tieredimagenet``, else
-``~/.cache/metabatch/tieredimagenet``) or in ``cache_dir``, built in a
+The decoded, resized images are cached as a uint8 `.npy` in the user cache
+folder (`$METABATCH_CACHE/tieredimagenet`, else
+`$XDG_CACHE_HOME/metabatch/tieredimagenet`, else
+`~/.cache/metabatch/tieredimagenet`) or in `cache_dir`, built in a
 streaming pass (a few hundred images in memory at a time, never the split:
 the training split is 9.5 GB at 84x84), and mapped back read-only as a
 `metabatch.tasks.MmapArray` that every loader worker shares.
@@ -65,14 +65,14 @@ class TieredImagenet(NamedTuple):
     """One split of tiered-ImageNet as a flat image array.
 
     Attributes:
-        images: uint8 ``[num_images, 3, size, size]`` (RGB, channels first),
+        images: uint8 `[num_images, 3, size, size]` (RGB, channels first),
             grouped by class in class order (class folders) or in file order
             (pickle files).
-        labels: int64 ``[num_images]``: the index into ``classes`` of each image.
+        labels: int64 `[num_images]`: the index into `classes` of each image.
         classes: the name of each class: its folder name (a WordNet id), or
-            ``label_specific_str`` of the pickle files.
+            `label_specific_str` of the pickle files.
         categories: the high-level category of each class (from
-            ``label_general_str``), or ``None`` for class folders, which do not say.
+            `label_general_str`), or `None` for class folders, which do not say.
     """
 
     images: np.ndarray
@@ -108,7 +108,7 @@ def _layout(root: Path, split: str) -> tuple[str, Path]:
 # -- class folders ----------------------------------------------------------------------------------
 
 def _folder_files(folder: Path) -> tuple[list, list]:
-    """``(class names, [[image paths] per class])``, both sorted."""
+    """`(class names, [[image paths] per class])`, both sorted."""
     classes, files = [], []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         images = sorted(p for p in sub.iterdir() if p.suffix.lower() in _EXTENSIONS and not p.name.startswith("."))
@@ -144,7 +144,7 @@ def _read_folders(folder: Path, size, resample, new_sink) -> dict:
 # -- Ren et al.'s files ------------------------------------------------------------------------------
 
 def _labels(path: Path) -> tuple[np.ndarray, list, list | None]:
-    """``(label per image, class names, category of each class or None)`` from ``<split>_labels.pkl``."""
+    """`(label per image, class names, category of each class or None)` from `<split>_labels.pkl`."""
     data = _pickles.load(path)
     if isinstance(data, dict):
         data = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in data.items()}
@@ -176,7 +176,7 @@ def _labels(path: Path) -> tuple[np.ndarray, list, list | None]:
 
 
 def _runs(labels: np.ndarray) -> list:
-    """Run-length code ``[[label, count], ...]`` (short for the class-grouped files)."""
+    """Run-length code `[[label, count], ...]` (short for the class-grouped files)."""
     if not labels.size:
         return []
     cuts = np.flatnonzero(np.diff(labels)) + 1
@@ -186,7 +186,7 @@ def _runs(labels: np.ndarray) -> list:
 
 
 def _read_npz(path: Path, n: int, size, resample, new_sink) -> None:
-    """Stream ``images`` (uint8 ``[N, H, W, 3]``, BGR) out of the npz into the sink as RGB ``[3, size, size]``."""
+    """Stream `images` (uint8 `[N, H, W, 3]`, BGR) out of the npz into the sink as RGB `[3, size, size]`."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, EOFError) as err:
@@ -294,45 +294,45 @@ def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample
          cache: bool = True, cache_dir: str | os.PathLike | None = None) -> TieredImagenet:
     """Read one split of tiered-ImageNet from class folders or Ren et al.'s files.
 
-    Images are converted to RGB and resized to ``size x size`` with Pillow's
-    ``resample`` filter (the pickled images are 84x84 already and are left
-    as they are at ``size=84``). The first call decodes every image of the
+    Images are converted to RGB and resized to `size x size` with Pillow's
+    `resample` filter (the pickled images are 84x84 already and are left
+    as they are at `size=84`). The first call decodes every image of the
     split (448 695 in the training split: expect tens of minutes on 2 cores)
     and caches them; later calls map the cache in milliseconds. A cache is
     used only while it matches the request: same files (names, sizes and
     times of the images, or of the pickle / npz files), same size and filter.
 
     Args:
-        root: the folder holding ``<split>/<class>/*.jpg`` or
-            ``<split>_labels.pkl`` with ``<split>_images.npz`` or
-            ``<split>_images_png.pkl``.
-        split: ``"train"``, ``"val"`` or ``"test"``.
-        size: the output side in pixels; ``None`` keeps the stored size (all
+        root: the folder holding `<split>/<class>/*.jpg` or
+            `<split>_labels.pkl` with `<split>_images.npz` or
+            `<split>_images_png.pkl`.
+        split: `"train"`, `"val"` or `"test"`.
+        size: the output side in pixels; `None` keeps the stored size (all
             images must then have the same size).
-        resample: ``"bilinear"``, ``"lanczos"``, ``"box"``, ``"bicubic"``,
-            ``"hamming"`` or ``"nearest"``.
-        cache: read and write the cache; ``False`` decodes into memory (the
+        resample: `"bilinear"`, `"lanczos"`, `"box"`, `"bicubic"`,
+            `"hamming"` or `"nearest"`.
+        cache: read and write the cache; `False` decodes into memory (the
             whole split: 9.5 GB for the training split at 84x84).
-        cache_dir: the folder of the cache (created if missing). ``None``:
-            ``$METABATCH_CACHE/tieredimagenet``, else
-            ``$XDG_CACHE_HOME/metabatch/tieredimagenet``, else
-            ``~/.cache/metabatch/tieredimagenet``; logged once (logger
-            ``metabatch.tasks``, level INFO).
+        cache_dir: the folder of the cache (created if missing). `None`:
+            `$METABATCH_CACHE/tieredimagenet`, else
+            `$XDG_CACHE_HOME/metabatch/tieredimagenet`, else
+            `~/.cache/metabatch/tieredimagenet`; logged once (logger
+            `metabatch.tasks`, level INFO).
 
     Returns:
-        A `TieredImagenet` ``(images, labels, classes, categories)``.
+        A `TieredImagenet` `(images, labels, classes, categories)`.
 
     Raises:
-        FileNotFoundError: ``root`` holds neither layout for ``split``.
+        FileNotFoundError: `root` holds neither layout for `split`.
         ValueError: an empty class folder, an image Pillow cannot read
             (named), pickle / npz files that disagree on the number of images
-            or are damaged, images of different sizes with ``size=None``, a
-            bad ``size`` or ``resample``.
+            or are damaged, images of different sizes with `size=None`, a
+            bad `size` or `resample`.
         pickle.UnpicklingError: a pickle file asks for anything but numpy
             arrays and plain containers (it is refused, not run).
-        TypeError: ``split`` or ``size`` of the wrong type.
+        TypeError: `split` or `size` of the wrong type.
         ImportError: Pillow is missing and there is no cache to read.
-        OSError: ``cache_dir`` was given but cannot be written.
+        OSError: `cache_dir` was given but cannot be written.
 
     Examples:
         >>> import tempfile, pathlib
@@ -378,29 +378,29 @@ def sampler(data: TieredImagenet, ways: int, *, normalize: bool | tuple = True, 
     """N-way K-shot tasks over tiered-ImageNet, normalised as for mini-ImageNet.
 
     The task is that of `metabatch.tasks.classification` over
-    ``data.images`` with ``labels=data.labels`` (``ways`` distinct classes,
-    labels ``0 .. ways-1`` in the order drawn, ``n_ctx`` support and
-    ``n_tgt`` query images per class), then each image in ``[0, 1]`` is
+    `data.images` with `labels=data.labels` (`ways` distinct classes,
+    labels `0 .. ways-1` in the order drawn, `n_ctx` support and
+    `n_tgt` query images per class), then each image in `[0, 1]` is
     normalised per channel with ImageNet's statistics, as
     `metabatch.tasks.miniimagenet.sampler` does.
 
     Args:
         data: a `TieredImagenet` from `load`.
         ways: classes per task (N).
-        normalize: ``True``: ImageNet's mean and std
+        normalize: `True`: ImageNet's mean and std
             (`metabatch.tasks.miniimagenet.MEAN`, `metabatch.tasks.miniimagenet.STD`);
-            ``False``: keep ``[0, 1]``; or a pair ``(mean, std)`` of per-channel values.
+            `False`: keep `[0, 1]`; or a pair `(mean, std)` of per-channel values.
         shuffle: shuffle the rows of the support and of the query set.
-        info: also return ``"info": {"classes": ..., "rotations": ...}``: the
-            indices into ``data.classes`` behind labels ``0 .. ways-1``.
+        info: also return `"info": {"classes": ..., "rotations": ...}`: the
+            indices into `data.classes` behind labels `0 .. ways-1`.
 
     Returns:
-        A `metabatch.tasks.miniimagenet.Sampler` ``sample_task(key, idx,
-        n_ctx, n_tgt)``: float32 ``x`` ``[ways * n, 3, H, W]``, int64 ``y``.
+        A `metabatch.tasks.miniimagenet.Sampler` `sample_task(key, idx,
+        n_ctx, n_tgt)`: float32 `x` `[ways * n, 3, H, W]`, int64 `y`.
 
     Raises:
-        TypeError: ``data`` is not a `TieredImagenet` of uint8 images, or a bad ``normalize``.
-        ValueError: ``ways`` is out of range, or ``normalize`` does not give
+        TypeError: `data` is not a `TieredImagenet` of uint8 images, or a bad `normalize`.
+        ValueError: `ways` is out of range, or `normalize` does not give
             one value per channel. A task asking for more images than the
             smallest class holds raises at call time.
 
