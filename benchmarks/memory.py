@@ -291,7 +291,11 @@ def summary(cells: list) -> dict:
                     "open_plus_first_batch_in_memory_over_mmap": ((mem["open_s"] + mem["first_batch_s"])
                                                                   / (mm["open_s"] + mm["first_batch_s"])),
                     "tasks_per_s_mmap_over_in_memory": (mm["tasks_per_s"] / mem["tasks_per_s"]
-                                                        if mm["tasks_per_s"] and mem["tasks_per_s"] else None)}
+                                                        if mm["tasks_per_s"] and mem["tasks_per_s"] else None),
+                    "open_plus_epoch_in_memory_over_mmap": ((mem["open_s"] + mem["epoch_s"])
+                                                            / (mm["open_s"] + mm["epoch_s"])),
+                    "worker_uss_anon_in_memory_over_mmap": (max(w["uss_anon"] for w in mem["end"]["workers"] if w)
+                                                            / max(workers_anon)) if workers_anon else None}
     return out
 
 

@@ -312,6 +312,17 @@ def test_concurrent_builds_share_one_intact_entry(tree, tmp_path):
         assert pickle.loads(blob).tobytes() == expected  # ...so their references open here too
 
 
+def test_an_unwritable_user_cache_folder_warns_and_loads_into_memory(tree, tmp_path, monkeypatch):
+    _, zipped, _ = tree
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("METABATCH_CACHE", str(blocker))
+    with pytest.warns(RuntimeWarning, match=f"could not cache .*images_background.zip in {blocker}/omniglot"):
+        data = omniglot.load(zipped)
+    assert type(data.images) is np.ndarray
+    assert np.array_equal(data.images, omniglot.load(zipped, cache=False).images)
+
+
 def test_cache_dir_must_be_writable(tree, tmp_path):
     _, zipped, _ = tree
     blocker = tmp_path / "a_file"

@@ -221,6 +221,8 @@ def _locked(stem: Path, exclusive: bool):
 # -- stale temporaries -------------------------------------------------------------------------------
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: judge by age only
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
