@@ -190,7 +190,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
             os.unlink(tmp)
 
 
-def mmap_array(path: str | os.PathLike, data=None) -> MmapArray:
+def mmap_array(path: str | os.PathLike, data: np.ndarray | torch.Tensor | None = None) -> MmapArray:
     """A large array for `sample_task` that every loader worker shares instead of copying.
 
     `mmap_array(path)` maps an existing `.npy` file read-only;

@@ -298,9 +298,11 @@ def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample
     `resample` filter (the pickled images are 84x84 already and are left
     as they are at `size=84`). The first call decodes every image of the
     split (448 695 in the training split: expect tens of minutes on 2 cores)
-    and caches them; later calls map the cache in milliseconds. A cache is
-    used only while it matches the request: same files (names, sizes and
-    times of the images, or of the pickle / npz files), same size and filter.
+    and caches them; later calls check the source (a `stat` of every image
+    of class folders: seconds for the training split; two files otherwise)
+    and map the cache. A cache is used only while it matches the request:
+    same files (names, sizes and times of the images, or of the pickle / npz
+    files), same size and filter.
 
     Args:
         root: the folder holding `<split>/<class>/*.jpg` or
