@@ -139,7 +139,8 @@ def workers_of(pid: int) -> list:
                 except OSError:
                     continue
                 todo.append(kid)
-                if "resource_tracker" not in cmd and "forkserver import main" not in cmd:
+                helper = "resource_tracker" in cmd or ("forkserver import main" in cmd and p == pid)
+                if not helper:  # the forkserver's own children (the workers) share its command line
                     found.append(kid)
     return sorted(found)
 
