@@ -200,8 +200,10 @@ def test_half_written_damaged_or_mismatched_cache_is_rebuilt(data_root, user_cac
     elif damage == "wrong shape":  # a whole, valid .npy of another array, beside the json of this one
         np.save(npy, good_images[:2])
     else:  # the entry of another request copied over this one's names
-        other = (miniimagenet.load(root, "train", size=12) if damage == "other size"
-                 else miniimagenet.load(root, "train", size=16, resample="nearest"))
+        if damage == "other size":
+            miniimagenet.load(root, "train", size=12)
+        else:
+            miniimagenet.load(root, "train", size=16, resample="nearest")
         tag = "train.12px-bilinear" if damage == "other size" else "train.16px-nearest"
         for src, dst in zip(entry(user_cache, tag), (npy, meta)):
             dst.write_bytes(src.read_bytes())

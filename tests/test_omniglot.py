@@ -185,8 +185,8 @@ def test_default_cache_is_the_user_cache_folder_not_the_data_folder(tree, user_c
     assert listing(zipped.parent) == before  # a writable data folder is left alone
     assert len(entries(user_cache / "omniglot")) == 2
     said = [r.getMessage() for r in caplog.records if "cache lives in" in r.getMessage()]
-    assert said == [f"metabatch.tasks: the Omniglot cache lives in {user_cache / 'omniglot'} (set "
-                    f"METABATCH_CACHE or pass cache_dir= to move it)"]  # once
+    assert said == [(f"metabatch.tasks: the Omniglot cache lives in {user_cache / 'omniglot'} (set "
+                     f"METABATCH_CACHE or pass cache_dir= to move it)")]  # once
     # without METABATCH_CACHE: $XDG_CACHE_HOME/metabatch, else ~/.cache/metabatch
     monkeypatch.delenv("METABATCH_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(user_cache.parent / "xdg"))

@@ -4,7 +4,6 @@ import io
 import os
 import pickle
 import struct
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -133,7 +132,7 @@ def test_every_layout_gives_the_same_split(tmp_path, layout, user_cache):
     assert np.array_equal(resized.images, expected(8)) and resized.labels.tolist() == LABELS.tolist()
     assert np.array_equal(tieredimagenet.load(root, "train", size=8, cache=False).images, resized.images)
     assert tieredimagenet.load(root, "train").images.shape == (18, 3, 84, 84)  # size=84 by default
-    assert sorted(p.name for p in (user_cache / "tieredimagenet").glob("*.npy"))[0].startswith("t-")
+    assert min(p.name for p in (user_cache / "tieredimagenet").glob("*.npy")).startswith("t-")
 
 
 def test_cache_is_read_without_decoding_and_rebuilt_when_an_image_changes(tmp_path, monkeypatch):

@@ -17,8 +17,8 @@ import operator
 import numpy as np
 import torch
 
-from .. import random as _random
 from .. import _validate
+from .. import random as _random
 from . import _common
 
 __all__ = ["Classification", "classification"]
@@ -124,7 +124,7 @@ class Classification:
         n_ctx, n_tgt = _validate.sizes(n_ctx, n_tgt, "classification")
         ways = self.ways
         rng = _random.numpy_rng(key)
-        chosen, rows, names = self._draw(rng, n_ctx, n_tgt)
+        _, rows, names = self._draw(rng, n_ctx, n_tgt)
         turns = rng.integers(0, 4, size=ways) if self.rotate else np.zeros(ways, np.int64)
         raw = np.asarray(self.classes[rows])  # (ways, shots, *item): a copy (a gather from a memory map)
         if self.rotate:
