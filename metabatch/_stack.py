@@ -43,7 +43,14 @@ def add_note(err: BaseException, note: str) -> None:
         err.__notes__ = getattr(err, "__notes__", []) + [note]
 
 
-def _leaf_meta(leaf, i: int, treespec):
+_INT64 = (-2**63, 2**63 - 1)
+
+
+def _leaf_path(treespec, i: int) -> str:
+    return path_str(optree.tree_paths(optree.tree_unflatten(treespec, range(treespec.num_leaves)))[i])
+
+
+def _leaf_meta(leaf, i: int, treespec, spec=None):
     """(torch dtype, shape, kind) of leaf ``i`` of task 0's output."""
     if isinstance(leaf, torch.Tensor):
         return leaf.dtype, tuple(leaf.shape), _TENSOR
@@ -55,12 +62,24 @@ def _leaf_meta(leaf, i: int, treespec):
             return dtype, leaf.shape, _ARRAY if leaf.ndim else _OTHER
         problem = f"a numpy array of dtype {leaf.dtype}, which torch cannot hold"
     elif isinstance(leaf, _NUMBERS):
+        if isinstance(leaf, int) and not isinstance(leaf, bool) and not _INT64[0] <= leaf <= _INT64[1]:
+            raise ValueError(f"{_where(spec)}leaf {_leaf_path(treespec, i)} of {_describe(spec, 0)} is the int "
+                             f"{_short_int(leaf)}, outside torch's int64 range [-2**63, 2**63 - 1]; store it as "
+                             f"a float, split it into smaller ints, or leave it out of the task output.")
         return torch.tensor(leaf).dtype, (), _NUMBER if type(leaf) in _NUMBERS else _OTHER
     else:
         problem = f"a {type(leaf).__name__} ({leaf!r:.60})"
-    path = optree.tree_paths(optree.tree_unflatten(treespec, range(treespec.num_leaves)))[i]
-    raise LeafTypeError(f"leaf {path_str(path)} of a task output is {problem}; task outputs must be "
-                    f"pytrees of tensors, numeric numpy arrays or numbers.")
+    raise LeafTypeError(f"{_where(spec)}leaf {_leaf_path(treespec, i)} of a task output is {problem}; task "
+                        f"outputs must be pytrees of tensors, numeric numpy arrays or numbers.")
+
+
+def _short_int(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 30 else f"{text[:12]}...{text[-6:]} ({value.bit_length()} bits)"
+
+
+def _where(spec) -> str:
+    return "" if spec is None else f"step {spec.step}: "
 
 
 def path_str(path) -> str:
@@ -74,8 +93,7 @@ def _describe(spec: BatchSpec | None, j: int) -> str:
 
 
 def _mismatch(spec, j, what) -> ValueError:
-    step = "" if spec is None else f"step {spec.step}: "
-    return ValueError(f"{step}{_describe(spec, 0)} and {_describe(spec, j)} of one batch differ: {what}. "
+    return ValueError(f"{_where(spec)}{_describe(spec, 0)} and {_describe(spec, j)} of one batch differ: {what}. "
                       f"Every task of a batch must return the same pytree with the same leaf shapes "
                       f"and dtypes; size arrays by n_ctx / n_tgt.")
 
@@ -114,6 +132,8 @@ class Layout:
                 out.append(np.ndarray(shape, np_dtype, raw, offset))
             elif np_dtype is not None:
                 out.append(np.empty(shape, np_dtype))  # no bytes to share
+            elif not size:  # (torch cannot view an empty slice as a wider dtype)
+                out.append(torch.empty(shape, dtype=dtype))
             else:
                 out.append(torch.from_numpy(raw[offset:offset + size]).view(dtype).view(shape))
         return out
@@ -137,15 +157,15 @@ _LAYOUTS: dict = {}  # (treespec, num_tasks, default dtype, (type, dtype, shape)
 _MAX_LAYOUTS = 1024
 
 
-def layout_of(treespec, leaves: list, num_tasks: int) -> Layout:
-    """The (cached) layout of a batch of ``num_tasks`` tasks whose task 0 has these leaves."""
+def layout_of(treespec, leaves: list, num_tasks: int, spec=None) -> Layout:
+    """The (cached) layout of a batch of ``num_tasks`` tasks whose task 0 has these leaves (of ``spec``)."""
     key = [treespec, num_tasks, torch.get_default_dtype()]
     for leaf in leaves:
         key += (type(leaf), getattr(leaf, "dtype", None), getattr(leaf, "shape", None))
     key = tuple(key)
     layout = _LAYOUTS.get(key)
     if layout is None:
-        metas = [_leaf_meta(leaf, i, treespec) for i, leaf in enumerate(leaves)]
+        metas = [_leaf_meta(leaf, i, treespec, spec) for i, leaf in enumerate(leaves)]
         layout = Layout(treespec, [m[0] for m in metas], [(num_tasks,) + tuple(m[1]) for m in metas],
                          [m[2] for m in metas])
         if len(_LAYOUTS) >= _MAX_LAYOUTS:
@@ -157,12 +177,17 @@ def layout_of(treespec, leaves: list, num_tasks: int) -> Layout:
 def _torch_dtype(leaf):
     dtype = getattr(leaf, "dtype", None)
     if dtype is None:
-        return torch.tensor(leaf).dtype
+        if isinstance(leaf, int) and not isinstance(leaf, bool) and not _INT64[0] <= leaf <= _INT64[1]:
+            return torch.int64  # (too large for it: reported as such by _diagnose)
+        try:
+            return torch.tensor(leaf).dtype
+        except (TypeError, ValueError, RuntimeError):
+            return f"a {type(leaf).__name__}"
     return _TORCH_DTYPE.get(dtype, dtype) if isinstance(dtype, np.dtype) else dtype
 
 
-def _diagnose(spec, outs, err: BaseException | None = None) -> ValueError:
-    """The error for the first task whose output differs from task 0's."""
+def _diagnose(spec, outs, err: BaseException | None = None, leaf: int | None = None) -> ValueError:
+    """The error for the first task whose output differs from task 0's (or that breaks leaf ``leaf``)."""
     first, treespec = optree.tree_flatten(outs[0])
     paths = optree.tree_paths(outs[0])
     for j in range(1, len(outs)):
@@ -177,8 +202,26 @@ def _diagnose(spec, outs, err: BaseException | None = None) -> ValueError:
             if da != db:
                 return _mismatch(spec, j, f"leaf {path_str(path)} has dtype {da} vs {db}")
     why = "" if err is None else f" ({type(err).__name__}: {err})"
+    if leaf is not None:
+        column = [optree.tree_leaves(out)[leaf] for out in outs]
+        for j, value in enumerate(column):
+            if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+                return ValueError(f"{_where(spec)}leaf {path_str(paths[leaf])} of {_describe(spec, j)} is the int "
+                                  f"{_short_int(value)}, outside torch's int64 range [-2**63, 2**63 - 1]; store "
+                                  f"it as a float, split it into smaller ints, or leave it out of the task output.")
+        return ValueError(f"{_where(spec)}could not stack leaf {path_str(paths[leaf])} of the task outputs{why}; "
+                          f"every task of a batch must return arrays of one shape and dtype per leaf.")
     return ValueError(f"could not stack the task outputs of step {getattr(spec, 'step', '?')}{why}; "
                       f"every task of a batch must return arrays of one shape and dtype per leaf.")
+
+
+def _as_tensor(leaf, dtype: torch.dtype) -> torch.Tensor:
+    """A numpy leaf in a column of tensors: as a tensor, if numpy's dtype is torch's ``dtype``."""
+    if isinstance(leaf, (np.ndarray, np.generic)) and _TORCH_DTYPE.get(leaf.dtype) is dtype:
+        if isinstance(leaf, np.ndarray) and leaf.flags.writeable:
+            return torch.from_numpy(leaf)
+        return torch.tensor(np.asarray(leaf))
+    raise TypeError(f"dtype {getattr(leaf, 'dtype', type(leaf).__name__)} vs {dtype}")
 
 
 def _plain(nbytes: int) -> np.ndarray:
@@ -199,11 +242,12 @@ def fill(outs: list, spec, alloc=_plain):
         columns = list(zip(leaves, *[treespec.flatten_up_to(out) for out in outs[1:]]))
     except (ValueError, TypeError) as err:
         raise _diagnose(spec, outs) from err
-    layout = layout_of(treespec, leaves, len(outs))
+    layout = layout_of(treespec, leaves, len(outs), spec)
     raw = alloc(layout.nbytes)
+    i = None
     try:
-        for column, view, kind, shape, first in zip(columns, layout.arrays(raw), layout.kinds, layout.shapes,
-                                                    leaves):
+        for i, (column, view, kind, shape, first) in enumerate(zip(columns, layout.arrays(raw), layout.kinds,
+                                                                   layout.shapes, leaves)):
             if kind == _ARRAY:
                 for leaf in column:
                     if leaf.shape != first.shape:  # concatenate alone would not see it
@@ -212,8 +256,10 @@ def fill(outs: list, spec, alloc=_plain):
             elif kind == _TENSOR:
                 dtype = first.dtype
                 for leaf in column:
-                    if leaf.dtype != dtype:  # stack would cast
-                        raise TypeError(f"dtype {leaf.dtype} vs {dtype}")
+                    if leaf.dtype is not dtype:  # stack would cast; numpy arrays of that dtype are fine
+                        column = [t if isinstance(t, torch.Tensor) and t.dtype is dtype else _as_tensor(t, dtype)
+                                  for t in column]
+                        break
                 torch.stack(column, out=torch.from_numpy(view) if type(view) is np.ndarray else view)
             elif kind != _OTHER and len({type(leaf) for leaf in column}) == 1:
                 view[...] = column  # numbers or numpy scalars of one type: exact
@@ -221,7 +267,7 @@ def fill(outs: list, spec, alloc=_plain):
                 exact = isinstance(first, (np.ndarray, np.generic))
                 np.stack(column, out=view, casting="no" if exact else "same_kind")
     except (ValueError, TypeError, RuntimeError, AttributeError, OverflowError) as err:
-        raise _diagnose(spec, outs, err) from err
+        raise _diagnose(spec, outs, err, i) from err
     return layout, raw
 
 

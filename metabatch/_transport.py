@@ -37,6 +37,7 @@ sharing (one segment per leaf) in ``benchmarks/loader.py``.
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import threading
 import weakref
@@ -68,6 +69,13 @@ class Sender:
     slot busy when it fills it; the main process marks it free again when the
     last view of that batch dies. When every slot is busy (the user keeps many
     batches alive) the worker falls back to a one-off segment.
+
+    The worker drops its pool when it exits (:meth:`close`, run by
+    multiprocessing's exit hooks, since a worker ends with ``os._exit`` and
+    never frees its objects): under ``set_sharing_strategy("file_system")`` a
+    segment has a name in ``/dev/shm`` until every process that mapped it lets
+    go, and a pool held until ``os._exit`` kept its names there until the main
+    process exited.
     """
 
     def __init__(self):
@@ -80,6 +88,15 @@ class Sender:
         self.bufs = [None] * _POOL_SLOTS  # (shared uint8 tensor, its numpy view)
         self.gens = [0] * _POOL_SLOTS  # bumped whenever a slot gets a new buffer
         self.sent = [-1] * _POOL_SLOTS  # generation of each slot that the main process holds
+        # At the worker's exit (a weak reference: a Sender made outside a worker may die first).
+        multiprocessing.util.Finalize(self, _close, args=(weakref.ref(self),), exitpriority=0)
+
+    def close(self) -> None:
+        """Let go of the pool's shared buffers and flags (the main process keeps its own mappings)."""
+        self.flags = self._flags = None
+        self.bufs = [None] * _POOL_SLOTS
+        self.gens = [g + 1 for g in self.gens]  # a later take() makes fresh buffers
+        self.flags_sent = False
 
     def take(self, nbytes: int):
         """``(slot, generation, tensor, raw)``: a shared buffer of at least ``nbytes``; slot None if one-off."""
@@ -124,6 +141,12 @@ class Sender:
                 buf, self.sent[slot] = self.bufs[slot][0], gen
         return Message(self.token, hello, flags, layout_id, layout if new_layout else None, slot, gen, buf,
                        data)
+
+
+def _close(ref) -> None:
+    sender = ref()
+    if sender is not None:
+        sender.close()
 
 
 class Message(NamedTuple):
