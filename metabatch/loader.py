@@ -25,6 +25,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import pickletools
+import queue
+import signal
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -207,6 +210,144 @@ def _check_picklable(name: str, obj: Any, method: str, fn: str) -> None:
             f"multiprocessing_context='fork' where the platform has it.") from err
 
 
+class _Recorded:
+    """A spec stream whose iterators remember the specs they gave out lately, by position."""
+
+    def __init__(self, specs: Iterable[BatchSpec], keep: int):
+        self.specs, self.keep = specs, keep
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __iter__(self):
+        return _Recording(iter(self.specs), self.keep)
+
+
+class _Recording:
+    __slots__ = ("count", "it", "keep", "sent")
+
+    def __init__(self, it, keep: int):
+        self.it, self.keep, self.sent, self.count = it, keep, {}, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        spec = next(self.it)
+        sent = self.sent
+        sent[self.count] = spec
+        sent.pop(self.count - self.keep, None)
+        self.count += 1
+        return spec
+
+
+def _how_it_ended(exitcode) -> str:
+    if exitcode is None:
+        return "stopped answering"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        why = {"SIGKILL": " (the out-of-memory killer sends it: see `dmesg`)",
+               "SIGSEGV": " (a crash in native code: an extension, a corrupt file, a C library)",
+               "SIGBUS": " (a crash reading memory: often /dev/shm too small in a container, see --shm-size)",
+               }.get(name, "")
+        return f"was killed by {name}{why}"
+    if exitcode == 0:
+        return ("exited with code 0 before sending its batch (a KeyboardInterrupt or sys.exit(0) inside the "
+                "task function ends a worker quietly)")
+    return f"exited with code {exitcode} (sys.exit({exitcode}) or os._exit({exitcode}) inside the task function?)"
+
+
+def _spec_text(spec) -> str:
+    if not isinstance(spec, BatchSpec):
+        return f"the batch {spec!r:.200}"
+    key = _random.key_data(spec.key)
+    return (f"the batch of step {spec.step} (task indices {spec.indices!r:.200}, n_ctx={spec.n_ctx}, "
+            f"n_tgt={spec.n_tgt}); rebuild it in this process to see what happens: "
+            f"loader.collate_fn(loader.dataset[spec]) with spec = metabatch.BatchSpec({spec.step}, "
+            f"metabatch.random.key_from_data({key}), {spec.indices!r:.200}, {spec.n_ctx}, {spec.n_tgt}, "
+            f"{spec.offset})")
+
+
+def _first_int(raw: bytes):
+    """The first int of a pickle, read without unpickling: the send index of DataLoader's ``(idx, data)``."""
+    for op, arg, _ in pickletools.genops(raw):
+        if op.name in ("BININT", "BININT1", "BININT2", "LONG1", "INT"):
+            return arg
+        if op.name not in ("PROTO", "FRAME"):
+            return None
+    return None
+
+
+def _arrived(iterator) -> set:
+    """Send indices whose results already wait in the iterator's queue (after a worker died).
+
+    A worker processes its specs in order, so the batch it died on is its
+    oldest outstanding one whose result is not in the queue. The queue is read
+    without unpickling (a dead worker's shared buffers can no longer be
+    fetched); what is read is dropped, as the iterator ends with the error.
+    """
+    got = set()
+    q = iterator._data_queue
+    try:
+        if q is iterator._worker_result_queue:  # no pin-memory thread: read the pipe
+            reader = q._reader
+            while reader.poll(0):
+                idx = _first_int(reader.recv_bytes())
+                if idx is not None:
+                    got.add(idx)
+        else:  # the pin-memory thread's queue.Queue
+            while True:
+                got.add(q.get_nowait()[0])
+    except (queue.Empty, OSError, EOFError, ValueError, TypeError, IndexError):
+        pass
+    return got
+
+
+def _worker_fault(iterator, err: RuntimeError) -> RuntimeError | None:
+    """DataLoader's error for a dead or silent worker, said with the batch that worker was building.
+
+    ``None`` when ``err`` is something else (a task's own RuntimeError) or the
+    iterator lacks what is needed (DataLoader internals: ``_task_info`` maps a
+    send index to ``(worker_id,)`` while its batch is outstanding).
+    """
+    text = str(err)
+    died = "exited unexpectedly" in text or "killed by signal" in text
+    hung = text.startswith("DataLoader timed out")
+    try:
+        info, sent, workers = iterator._task_info, iterator._sampler_iter.sent, iterator._workers
+        if hung:
+            idx = iterator._rcvd_idx
+            wid = info[idx][0]
+            return RuntimeError(
+                f"metabatch: loader worker {wid} (pid {workers[wid].pid}) sent nothing for timeout="
+                f"{iterator._timeout} s while building {_spec_text(sent.get(idx))}. A task function that hangs "
+                f"(a lock, a network read, a deadlock after fork) or one slower than the timeout; raise timeout= "
+                f"if it is only slow.")
+        if not died:
+            return None
+        lines, arrived = [], _arrived(iterator)
+        for wid, w in enumerate(workers):
+            if w.exitcode is None:
+                continue
+            mine = sorted(i for i, v in info.items() if len(v) == 1 and v[0] == wid and i not in arrived)
+            how = f"loader worker {wid} (pid {w.pid}) {_how_it_ended(w.exitcode)}"
+            if not mine:
+                lines.append(f"{how} with no batch outstanding")
+            elif len(mine) == 1:
+                lines.append(f"{how} while building (or sending) {_spec_text(sent.get(mine[0]))}")
+            else:  # (a result still in the worker's send buffer when it died is lost too)
+                lines.append(f"{how} before delivering {len(mine)} batches, one of which it was building: "
+                             + "; ".join(_spec_text(sent.get(i)) for i in mine))
+        if not lines:
+            return None
+        return RuntimeError("metabatch: " + "; ".join(lines) + ".")
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+
+
 class TaskDataLoader(torch.utils.data.DataLoader):
     """A DataLoader over batch specs whose workers build, stack and ship whole batches of tasks.
 
@@ -252,6 +393,12 @@ class TaskDataLoader(torch.utils.data.DataLoader):
                  **dataloader_options: Any):
         fn = "task_loader" if isinstance(dataset, _SampleTasks) else type(self).__name__
         num_workers = _validate.integer(num_workers, "num_workers", fn, low=0)
+        if "timeout" in dataloader_options:
+            timeout = _validate.number(dataloader_options["timeout"], "timeout", fn, low=0.0)
+            if timeout > 0 and num_workers == 0:
+                raise ValueError(f"{fn}(): timeout={dataloader_options['timeout']!r} needs worker processes, but num_workers=0 builds "
+                                 f"batches in this process, where nothing can time out; pass num_workers>=1 or "
+                                 f"drop timeout.")
         for name, f in (("collate_fn", collate_fn), ("fallback_collate", fallback_collate)):
             if f is not None:
                 _validate.callable_(f, name, fn)
@@ -278,11 +425,27 @@ class TaskDataLoader(torch.utils.data.DataLoader):
         # What the main process holds of the workers (their pooled buffers stay mapped,
         # layouts received once) lives as long as the iterator that runs them.
         seen = _seen_by(iterator)
-        for batch in iterator:
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                better = _worker_fault(iterator, err)
+                if better is None:
+                    raise
+                raise better from err
             if type(batch) is _transport.Packed or type(batch) is _transport.Lost:
                 seen.add(batch.token)
                 batch = batch.unpack()
             yield batch
+
+    @property
+    def _index_sampler(self):
+        # What DataLoader's iterator draws its indices (our specs) from: the same stream,
+        # remembering which spec went out under which send index, so that the error of a
+        # worker that died or hung can name the batch it was building (_worker_fault).
+        return _Recorded(self.sampler, 4 * self.num_workers * (self.prefetch_factor or 2) + 16)
 
     @property
     def specs(self):
