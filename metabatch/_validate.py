@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["callable_", "choice", "flag", "integer", "interval", "number", "sizes"]
+__all__ = ["callable_", "choice", "flag", "int_range", "integer", "interval", "number", "sizes"]
 
 #: The largest size (points per task, tasks per batch, ...) any check accepts: far above what fits
 #: in memory, low enough that numpy and torch never overflow on it.
@@ -108,6 +108,28 @@ def sizes(n_ctx: Any, n_tgt: Any, fn: str) -> tuple[int, int]:
     """``(n_ctx, n_tgt)`` as ints in ``[0, MAX_SIZE]``."""
     return (integer(n_ctx, "n_ctx", fn, low=0, high=MAX_SIZE),
             integer(n_tgt, "n_tgt", fn, low=0, high=MAX_SIZE))
+
+
+def int_range(value: Any, name: str, fn: str, *, low: int = 0, high: int = MAX_SIZE) -> tuple[int, int]:
+    """An int or an inclusive ``(low, high)`` pair of ints -> ``(low, high)``, within ``[low, high]``.
+
+    Raises:
+        TypeError: ``value`` is neither an int nor a pair of ints.
+        ValueError: a bound lies outside ``[low, high]``, or the pair is empty (``low > high``).
+    """
+    if is_int(value):
+        first = last = integer(value, name, fn, low=low, high=high)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) for v in value):
+        first, last = (operator.index(v) for v in value)
+        for v in (first, last):
+            if not low <= v <= high:
+                raise ValueError(f"{fn}(): {name} must lie in [{low}, {high}], got {value!r}.")
+        if first > last:
+            raise ValueError(f"{fn}(): {name}={value!r} is an empty range: low > high; write ({last}, {first}).")
+    else:
+        raise TypeError(f"{fn}(): {name} must be an int or an inclusive (low, high) pair of ints, "
+                        f"got {_got(value)}.")
+    return first, last
 
 
 def interval(value: Any, name: str, fn: str, *, positive: bool = False, fixed_ok: bool = True

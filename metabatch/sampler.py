@@ -18,6 +18,16 @@ How the stream is derived from the seed (stable; golden tests pin it):
   ``numpy_rng(fold_in(k_perms, e)).permutation(num_tasks)`` (identity with
   ``shuffle=False``), and step ``s`` takes positions ``s*B .. s*B+B-1``. Every
   task appears once per epoch; a batch may straddle two epochs.
+- Above ``HUGE = 2**24`` tasks an epoch's permutation is not materialised (it
+  would take ``8 * num_tasks`` bytes): position ``p`` of epoch ``e`` maps to
+  ``_feistel(fold_in(k_perms, e), num_tasks)(p)``, a keyed bijection of
+  ``range(num_tasks)`` (a 4-round Feistel network on the smallest even number
+  of bits that covers ``num_tasks``, cycle-walking back into range), computed
+  per index in O(1) memory. ``num_tasks`` may then be anything up to ``2**64``.
+
+Sizes are checked up front: ``n_ctx`` / ``n_tgt`` at most ``2**40`` points,
+``batch_size`` at most ``MAX_BATCH = 2**16`` tasks (a spec lists its task
+indices), and steps only as far as positions stay below ``2**64``.
 """
 
 from __future__ import annotations
@@ -25,11 +35,18 @@ from __future__ import annotations
 import operator
 from typing import Iterator, NamedTuple, Sequence, Union
 
-import numpy as np
 
+from . import _validate
 from . import random as _random
 
 __all__ = ["BatchSpec", "BatchSpecs", "batch_specs"]
+
+#: Above this many task indices, epochs are permuted per position (no materialised permutation).
+HUGE = 2**24
+#: The most tasks one (global) batch may hold: a spec lists its indices.
+MAX_BATCH = 2**16
+_U64 = 2**64 - 1
+_FEISTEL_ROUNDS = 4
 
 SizeArg = Union[int, Sequence[int]]
 
@@ -66,31 +83,37 @@ class BatchSpec(NamedTuple):
         return tuple(_random.fold_in(self.key, self.offset + j) for j in range(len(self.indices)))
 
 
-def _int_arg(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"batch_specs(): {name} must be an int, got {value!r}.")
-    value = operator.index(value)
-    if value < low:
-        raise ValueError(f"batch_specs(): {name} must be >= {low}, got {value}.")
-    return value
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser (the round function of the Feistel permutation)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
 
 
-def _size_arg(value, name: str) -> tuple:
-    """An int or an inclusive (low, high) range -> (low, high)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        low = high = operator.index(value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
-        low, high = (operator.index(v) for v in value)
-    else:
-        raise TypeError(f"batch_specs(): {name} must be an int or an inclusive (low, high) "
-                        f"pair of ints, got {value!r}.")
-    if low < 0:
-        raise ValueError(f"batch_specs(): {name} must not be negative, got {value!r}.")
-    if low > high:
-        raise ValueError(f"batch_specs(): {name}={value!r} is an empty range: low > high; "
-                         f"write ({high}, {low}).")
-    return low, high
+def _feistel(key: _random.Key, n: int):
+    """A keyed bijection of ``range(n)``, computed per index: ``perm(i)`` in O(1) memory.
+
+    A balanced Feistel network on the smallest even number of bits ``2h`` with
+    ``2**(2h) >= n`` permutes ``range(2**(2h))``; cycle-walking (apply it again
+    until the value is below ``n``) restricts it to ``range(n)``, taking fewer
+    than 4 rounds of walking on average since ``2**(2h) < 4n``.
+    """
+    bits = max(2, (n - 1).bit_length())
+    half = (bits + 1) // 2
+    mask = (1 << half) - 1
+    keys = [_random.key_data(_random.fold_in(key, r))[0] for r in range(_FEISTEL_ROUNDS)]
+
+    def perm(i: int) -> int:
+        x = i
+        while True:
+            left, right = x >> half, x & mask
+            for k in keys:
+                left, right = right, left ^ (_mix64(right ^ k) & mask)
+            x = (left << half) | right
+            if x < n:
+                return x
+
+    return perm
 
 
 class BatchSpecs:
@@ -102,19 +125,23 @@ class BatchSpecs:
 
     def __init__(self, seed, num_tasks, batch_size, n_ctx, n_tgt, *, shuffle=True,
                  num_batches=None, start=0, rank=0, world_size=1):
-        self.seed = _int_arg(seed, "seed", 0)
-        self.num_tasks = _int_arg(num_tasks, "num_tasks", 1)
-        self.batch_size = _int_arg(batch_size, "batch_size", 1)
-        self.n_ctx = _size_arg(n_ctx, "n_ctx")
-        self.n_tgt = _size_arg(n_tgt, "n_tgt")
-        self.shuffle = bool(shuffle)
-        self.start = _int_arg(start, "start", 0)
-        self.num_batches = None if num_batches is None else _int_arg(num_batches, "num_batches", 0)
+        fn = "batch_specs"
+        self.seed = _validate.integer(seed, "seed", fn, low=0, high=_U64)
+        self.num_tasks = _validate.integer(num_tasks, "num_tasks", fn, low=1, high=_U64)
+        self.batch_size = _validate.integer(batch_size, "batch_size", fn, low=1, high=MAX_BATCH)
+        self.n_ctx = _validate.int_range(n_ctx, "n_ctx", fn)
+        self.n_tgt = _validate.int_range(n_tgt, "n_tgt", fn)
+        self.shuffle = _validate.flag(shuffle, "shuffle", fn)
+        # Global positions (step * batch_size + ...) stay below 2**64, as fold_in needs.
+        self.max_steps = (_U64 + 1) // self.batch_size
+        self.start = _validate.integer(start, "start", fn, low=0, high=self.max_steps - 1)
+        self.num_batches = None if num_batches is None else _validate.integer(
+            num_batches, "num_batches", fn, low=0, high=self.max_steps)
         if self.num_batches is not None and self.start > self.num_batches:
             raise ValueError(f"batch_specs(): start={self.start} lies past the end of the stream "
                              f"(num_batches={self.num_batches}).")
-        self.world_size = _int_arg(world_size, "world_size", 1)
-        self.rank = _int_arg(rank, "rank", 0)
+        self.world_size = _validate.integer(world_size, "world_size", fn, low=1, high=MAX_BATCH)
+        self.rank = _validate.integer(rank, "rank", fn, low=0)
         if self.rank >= self.world_size:
             raise ValueError(f"batch_specs(): rank={self.rank} must be < world_size={self.world_size}.")
         if self.batch_size % self.world_size:
@@ -126,13 +153,15 @@ class BatchSpecs:
         self._perm_cache: dict = {}
 
     # -- the stream -------------------------------------------------------------------------
-    def _perm(self, epoch: int) -> np.ndarray:
+    def _perm(self, epoch: int):
+        """Epoch ``epoch``'s permutation: an array, or a function of the position above ``HUGE`` tasks."""
         perm = self._perm_cache.get(epoch)
         if perm is None:
-            if self.shuffle:
-                perm = _random.numpy_rng(_random.fold_in(self._k_perms, epoch)).permutation(self.num_tasks)
+            key = _random.fold_in(self._k_perms, epoch)
+            if self.num_tasks > HUGE:
+                perm = _feistel(key, self.num_tasks)
             else:
-                perm = np.arange(self.num_tasks)
+                perm = _random.numpy_rng(key).permutation(self.num_tasks)
             if len(self._perm_cache) >= 2:  # a batch touches at most the current and next epoch
                 self._perm_cache.pop(next(iter(self._perm_cache)))
             self._perm_cache[epoch] = perm
@@ -143,19 +172,28 @@ class BatchSpecs:
         while count:
             epoch, pos = divmod(first, self.num_tasks)
             take = min(count, self.num_tasks - pos)
-            out.extend(self._perm(epoch)[pos:pos + take].tolist())
+            if not self.shuffle or self.num_tasks == 1:  # (the permutation of one task is (0,))
+                out.extend(range(pos, pos + take))
+            elif self.num_tasks > HUGE:
+                perm = self._perm(epoch)
+                out.extend(perm(p) for p in range(pos, pos + take))
+            else:
+                out.extend(self._perm(epoch)[pos:pos + take].tolist())
             first += take
             count -= take
         return tuple(out)
 
     def __getitem__(self, step) -> BatchSpec:
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-            raise TypeError(f"batch specs are indexed by a global step (int), got {step!r}.")
+        if not _validate.is_int(step):
+            raise TypeError(f"batch specs are indexed by a global step (int), got {step!r:.80}.")
         step = operator.index(step)
         if step < 0:
             raise IndexError(f"step must be >= 0, got {step}: specs are indexed by global step.")
         if self.num_batches is not None and step >= self.num_batches:
             raise IndexError(f"step {step} lies past the end of the stream (num_batches={self.num_batches}).")
+        if step >= self.max_steps:
+            raise IndexError(f"step {step} lies past the last step this stream can address ({self.max_steps - 1}: "
+                             f"positions step * batch_size must stay below 2**64).")
         rng = _random.numpy_rng(_random.fold_in(self._k_sizes, step))
         n_ctx = int(rng.integers(self.n_ctx[0], self.n_ctx[1], endpoint=True))
         n_tgt = int(rng.integers(self.n_tgt[0], self.n_tgt[1], endpoint=True))
@@ -206,12 +244,13 @@ def batch_specs(seed: int, num_tasks: int, batch_size: int, n_ctx: SizeArg, n_tg
     """The seeded stream of batch specs that drives :func:`task_loader`.
 
     Args:
-        seed: the seed of the whole stream (an int ``>= 0``).
-        num_tasks: how many task indices there are (``>= 1``); each epoch visits
-            every index once.
-        batch_size: tasks per *global* batch (over all ranks).
+        seed: the seed of the whole stream (an int in ``[0, 2**64)``).
+        num_tasks: how many task indices there are (``>= 1``, up to ``2**64 - 1``);
+            each epoch visits every index once. Above ``2**24`` no permutation is
+            materialised: each index is computed on its own (see the module's notes).
+        batch_size: tasks per *global* batch (over all ranks), at most ``2**16``.
         n_ctx: context points per task: an int, or an inclusive ``(low, high)``
-            range drawn once per batch.
+            range drawn once per batch; at most ``2**40``.
         n_tgt: target points per task, like ``n_ctx``.
         shuffle: a fresh permutation of the indices every epoch; ``False`` walks
             ``0, 1, 2, ...`` in order.
@@ -228,10 +267,10 @@ def batch_specs(seed: int, num_tasks: int, batch_size: int, n_ctx: SizeArg, n_tg
         for the stream from ``start``.
 
     Raises:
-        ValueError: a size is negative or empty (``n_ctx=(5, 2)``), ``batch_size``
-            or ``num_tasks`` is not positive, ``rank >= world_size``, or
-            ``batch_size % world_size != 0``.
-        TypeError: an argument is not an int (or pair of ints).
+        ValueError: a size is negative, above its limit or empty (``n_ctx=(5, 2)``),
+            ``batch_size`` or ``num_tasks`` is not positive, ``rank >= world_size``,
+            or ``batch_size % world_size != 0``.
+        TypeError: an argument is not an int (or pair of ints; ``shuffle`` not a bool).
 
     Examples:
         >>> import metabatch as mb
