@@ -30,6 +30,7 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -118,6 +119,10 @@ def shard(group: Any = None) -> dict[str, int]:
     return {"rank": rank, "world_size": world_size}
 
 
+def _path(path: tuple) -> str:
+    return "".join(f"[{p!r}]" for p in path) or "<root>"
+
+
 def _check_tensors(leaves: list, fn: str, what: str) -> None:
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
@@ -130,6 +135,57 @@ def _check_tensors(leaves: list, fn: str, what: str) -> None:
         if not (leaf.is_floating_point() or leaf.is_complex()):
             raise TypeError(f"{fn}(): {what} holds a {leaf.dtype} tensor; averaging needs floating-point "
                             f"or complex tensors: convert it with .float() (e.g. a count to average).")
+
+
+def _device(leaves: list, group) -> torch.device:
+    if leaves:
+        return leaves[0].device
+    if _dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _describe(entry) -> str:
+    if entry is None:
+        return "nothing (it has fewer leaves)"
+    name, shape, dtype = entry
+    return f"{name} {dtype.removeprefix('torch.')} of shape {shape}"
+
+
+def _check_agreement(names: list, leaves: list, group, world_size: int, fn: str) -> None:
+    """Raise on every rank unless all ranks pass leaves of the same names, shapes and dtypes, in order.
+
+    One all-gather of a 16-byte digest and the leaf count per call; only when
+    the digests differ do the ranks exchange their leaf lists, to name the
+    first leaf that differs. Without this check, ranks that disagree make the
+    averaging collectives abort, block until the process group's timeout, or
+    return wrong sums silently.
+    """
+    desc = [(name, tuple(t.shape), str(t.dtype)) for name, t in zip(names, leaves)]
+    digest = hashlib.blake2b(repr(desc).encode(), digest_size=16).digest()
+    words = [int.from_bytes(digest[i:i + 8], "little", signed=True) for i in (0, 8)] + [len(desc)]
+    mine = torch.tensor(words, dtype=torch.int64, device=_device(leaves, group))
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    _dist.all_gather(gathered, mine, group=group)
+    if all(torch.equal(g, gathered[0]) for g in gathered):
+        return
+    everyone: list = [None] * world_size
+    _dist.all_gather_object(everyone, desc, group=group)
+    counts = [len(d) for d in everyone]
+    for i in range(max(counts)):
+        at = [d[i] if i < len(d) else None for d in everyone]
+        if any(a != at[0] for a in at):
+            break
+    else:  # (digests of equal lists cannot differ; kept for safety)
+        return
+    variants: dict = {}
+    for rank, a in enumerate(at):
+        variants.setdefault(a, []).append(rank)
+    told = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {_describe(a)}"
+                     for a, r in variants.items())
+    how_many = "" if len(set(counts)) == 1 else f" The ranks pass {' / '.join(map(str, counts))} leaves."
+    raise ValueError(f"{fn}(): the ranks disagree on leaf {i}, so it cannot be averaged: {told}.{how_many} "
+                     f"Every rank must pass the same leaves (names, shapes, dtypes) in the same order.")
 
 
 def _mean_over_ranks(tensors: list, group, world_size: int) -> list:
@@ -172,7 +228,9 @@ def pmean(tree: Any, *, group: Any = None) -> Any:
 
     Raises:
         TypeError: a leaf is not a floating-point or complex dense tensor.
-        ValueError: as :func:`rank_and_world_size`.
+        ValueError: as :func:`rank_and_world_size`; or the ranks disagree on the tree's
+            leaves (names, shapes, dtypes, order): raised on every rank, naming the first
+            leaf that differs (one small all-gather per call checks it).
 
     Examples:
         >>> import torch, metabatch as mb
@@ -182,8 +240,11 @@ def pmean(tree: Any, *, group: Any = None) -> Any:
     leaves, spec = optree.tree_flatten(tree)
     _check_tensors(leaves, "pmean", "tree")
     _, world_size = rank_and_world_size(group)
-    if world_size == 1 or not leaves:
+    if world_size == 1:
         return optree.tree_unflatten(spec, [leaf.detach() for leaf in leaves])
+    _check_agreement([_path(p) for p in optree.tree_paths(tree)], leaves, group, world_size, "pmean")
+    if not leaves:
+        return optree.tree_unflatten(spec, [])
     return optree.tree_unflatten(spec, _mean_over_ranks(leaves, group, world_size))
 
 
@@ -200,8 +261,9 @@ def all_reduce_grads(params: Any, *, group: Any = None) -> None:
     counts as a zero gradient there (its loss did not depend on it); one whose
     ``.grad`` is ``None`` on every rank keeps ``None``, so the optimizer skips
     it as it would in one process. This costs one small extra all-reduce of
-    per-parameter flags; the gradients themselves travel in one all-reduce per
-    (device, dtype).
+    per-parameter flags, and one all-gather of a 16-byte digest of the
+    parameters' names, shapes and dtypes that checks that the ranks agree; the
+    gradients themselves travel in one all-reduce per (device, dtype).
 
     Args:
         params: the outer parameters: a pytree of tensors (``metabatch.nn.params(model)``,
@@ -215,7 +277,10 @@ def all_reduce_grads(params: Any, *, group: Any = None) -> None:
 
     Raises:
         TypeError: a parameter or gradient is not a floating-point (or complex) dense tensor.
-        ValueError: as :func:`rank_and_world_size`.
+        ValueError: as :func:`rank_and_world_size`; or the ranks disagree on the parameters
+            (names, shapes, dtypes, order): raised on every rank, naming the first one that
+            differs, instead of a crash, a hang until the process group's timeout, or a
+            silently wrong mean (one small all-gather per call checks it).
 
     Examples:
         >>> import torch, metabatch as mb
@@ -226,19 +291,25 @@ def all_reduce_grads(params: Any, *, group: Any = None) -> None:
         tensor([3., 3.])
     """
     if isinstance(params, torch.nn.Module):
-        leaves = list(params.parameters())
+        named = list(params.named_parameters())
+        names, leaves = [n for n, _ in named], [p for _, p in named]
     else:
         leaves = optree.tree_leaves(params)
+        names = [_path(p) for p in optree.tree_paths(params)]
     _check_tensors(leaves, "all_reduce_grads", "params")
-    unique, seen = [], set()
-    for p in leaves:  # a tied parameter appears once
+    unique, unique_names, seen = [], [], set()
+    for name, p in zip(names, leaves):  # a tied parameter appears once
         if id(p) not in seen:
             seen.add(id(p))
             unique.append(p)
+            unique_names.append(name)
     grads = [p.grad for p in unique]
     _check_tensors([g for g in grads if g is not None], "all_reduce_grads", "the gradients")
     _, world_size = rank_and_world_size(group)
-    if world_size == 1 or not unique:
+    if world_size == 1:
+        return
+    _check_agreement(unique_names, unique, group, world_size, "all_reduce_grads")
+    if not unique:
         return
     flags = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=unique[0].device)
     _dist.all_reduce(flags, op=_dist.ReduceOp.SUM, group=group)

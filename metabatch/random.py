@@ -23,10 +23,10 @@ Examples:
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 import torch
+
+from . import _validate
 
 __all__ = ["Key", "key", "split", "fold_in", "numpy_rng", "torch_generator", "key_data", "key_from_data"]
 
@@ -98,13 +98,7 @@ def _check_key(k, fn: str) -> Key:
 
 
 def _as_uint64(value, name: str, fn: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{fn}(): {name} must be an int, got the bool {value!r}.")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{fn}(): {name} must be an int, got {value!r} of type "
-                        f"{type(value).__name__}.") from None
+    value = _validate.integer(value, name, fn)  # TypeError for a bool, a float, a string...
     if not 0 <= value <= _MASK:
         raise ValueError(f"{fn}(): {name} must lie in [0, 2**64), got {value}.")
     return value
@@ -180,9 +174,7 @@ def split(key: Key, num: int = 2) -> tuple[Key, ...]:
         5
     """
     _check_key(key, "split")
-    num = _as_uint64(num, "num", "split")
-    if num < 1:
-        raise ValueError(f"split(): num must be >= 1, got {num}.")
+    num = _validate.integer(num, "num", "split", low=1, high=_MASK)
     out = []
     for i in range(num):
         d = _mix((i ^ _SPLIT_TAG) + _GOLDEN & _MASK)
