@@ -375,7 +375,10 @@ class TaskDataLoader(torch.utils.data.DataLoader):
         TypeError: a batch option (``batch_size``, ``shuffle``, ``sampler``...)
             was passed; ``dataset`` or ``collate_fn`` cannot be pickled for
             ``spawn``/``forkserver`` workers.
-        ValueError: ``num_workers < 0``.
+        ValueError: ``num_workers < 0``; ``timeout > 0`` with ``num_workers=0``.
+        RuntimeError: (while iterating) a worker died or sent nothing for
+            ``timeout`` seconds; the message names the step, task indices and
+            key of the batch it was building, torch's message is the cause.
 
     Examples:
         >>> import numpy as np, torch, metabatch as mb
@@ -484,7 +487,7 @@ def task_loader(sample_task: Callable, specs: Iterable[BatchSpec], *, num_worker
     Raises:
         TypeError: ``sample_task`` is not callable, or cannot be pickled for a
             ``spawn``/``forkserver`` worker; a batch option was passed.
-        ValueError: ``num_workers < 0``.
+        ValueError: ``num_workers < 0``; ``timeout > 0`` with ``num_workers=0``.
 
     Examples:
         >>> import metabatch as mb

@@ -552,3 +552,34 @@ def test_fault(row, clean):
 def test_every_item_of_the_issue_that_is_ours_has_rows():
     assert {row.item for row in ROWS} >= {"1", "4", "5", "6", "9", "10", "handled"}
     assert len({row.id for row in ROWS}) == len(ROWS)
+
+
+def test_arrived_reads_results_without_unpickling_them():
+    """After a worker died, the results already sent are told apart from the batch it was building."""
+    import multiprocessing
+    import queue
+
+    from metabatch import loader
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo never run",))
+
+    class Iterator:
+        pass
+
+    it = Iterator()
+    it._worker_result_queue = it._data_queue = multiprocessing.get_context("fork").Queue()
+    for item in ((4, Evil()), (2**40, "x"), (7, None)):
+        it._data_queue.put(item)
+    got, deadline = set(), time.monotonic() + 10
+    while len(got) < 3 and time.monotonic() < deadline:  # (the queue's feeder thread writes them)
+        got |= loader._arrived(it)
+        time.sleep(0.05)
+    assert got == {4, 2**40, 7}
+    it._data_queue.close()
+    it._data_queue.join_thread()
+    it._data_queue = queue.Queue()  # with pin_memory: the pin thread's queue of (idx, batch)
+    for idx in (3, 5):
+        it._data_queue.put((idx, object()))
+    assert loader._arrived(it) == {3, 5}
