@@ -27,8 +27,15 @@ The path of one batch, in order:
    zero-copy tensor views of the buffer. When the last view dies, the slot's
    flag is set free again and the worker reuses the buffer.
 
-No shared-memory segment has a name: torch's file-descriptor sharing unlinks
-it at creation, so nothing is left in ``/dev/shm`` when a process dies.
+Nothing is left in ``/dev/shm``, under either of torch's sharing strategies.
+With the default ``file_descriptor`` strategy no segment has a name: torch
+unlinks it at creation. With ``set_sharing_strategy("file_system")`` a
+segment keeps its name until every process that mapped it lets go: a worker
+drops its pool when it exits (``Sender.close``, from multiprocessing's exit
+hooks) and the main process when the iterator dies (:func:`forget`), so no
+name outlives an epoch (or, with persistent workers, the loader); when a
+process is killed, torch's shared-memory manager removes the names once all
+of them are gone.
 ``TaskDataLoader`` drops a worker's entry of ``REMOTES`` (:func:`forget`) when
 the DataLoader iterator that ran it dies; registering a new worker also drops
 entries of workers that no longer exist. Measured against torch's own tensor
