@@ -35,7 +35,6 @@ from __future__ import annotations
 import operator
 from typing import Iterator, NamedTuple, Sequence, Union
 
-
 from . import _validate
 from . import random as _random
 

@@ -23,7 +23,6 @@ import torch
 import metabatch as mb
 from tests import tasks_for_tests as T
 
-
 CULPRIT = 7  # the task index that misbehaves in the loader rows
 
 
