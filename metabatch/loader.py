@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import pickle
 import pickletools
 import queue
 import signal
@@ -35,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.utils.data
 
-from . import _stack, _transport, _validate
+from . import _spawn, _stack, _transport, _validate
 from . import random as _random
 from .sampler import BatchSpec
 
@@ -192,22 +191,11 @@ _NOT_OPTIONS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"
 
 
 def _start_method(context) -> str:
-    if context is None:
-        return multiprocessing.get_start_method(allow_none=False)
+    if context is None:  # the default, without fixing it (set_start_method still works afterwards)
+        return multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
     if isinstance(context, str):
         return context
     return context.get_start_method()
-
-
-def _check_picklable(name: str, obj: Any, method: str, fn: str) -> None:
-    try:
-        pickle.dumps(obj)
-    except Exception as err:
-        raise TypeError(
-            f"{fn}(): {name}={obj!r:.120} cannot be pickled ({err}), but '{method}' workers receive it "
-            f"pickled. Define it at module level (def {name}(...) in an importable module, not a lambda "
-            f"or a nested function), use functools.partial of such a function for its settings, or use "
-            f"multiprocessing_context='fork' where the platform has it.") from err
 
 
 class _Recorded:
@@ -411,16 +399,22 @@ class TaskDataLoader(torch.utils.data.DataLoader):
                             f"batch_size and shuffle in metabatch.batch_specs(...).")
         if num_workers:
             method = _start_method(dataloader_options.get("multiprocessing_context"))
-            if method != "fork":
+            if method != "fork":  # what the workers unpickle must be importable there
                 if isinstance(dataset, _SampleTasks):
-                    _check_picklable("sample_task", dataset.sample_task, method, fn)
-                _check_picklable("dataset", dataset, method, fn)
-                _check_picklable("collate_fn", collate_fn, method, fn)
-                _check_picklable("fallback_collate", fallback_collate, method, fn)
+                    _spawn.check_importable("sample_task", dataset.sample_task, method, fn)
+                _spawn.check_importable("dataset", dataset, method, fn)
+                others = (("collate_fn", collate_fn), ("fallback_collate", fallback_collate),
+                          ("worker_init_fn", dataloader_options.get("worker_init_fn")))
+                for name, value in others:
+                    if value is not None:
+                        _spawn.check_importable(name, value, method, fn)
+                _spawn.check_main(method, fn)
         super().__init__(dataset, batch_size=None, sampler=specs, num_workers=num_workers,
                          collate_fn=_Collate(collate_fn, fallback_collate), **dataloader_options)
 
     def __iter__(self):
+        if self.num_workers:  # not where spawned workers would run this loop again
+            _spawn.check_iteration(_start_method(self.multiprocessing_context), type(self).__name__)
         iterator = super().__iter__()
         if self.num_workers == 0:
             yield from iterator

@@ -1,6 +1,8 @@
 import functools
 import gc
 import hashlib
+import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import pickle
 import time
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import metabatch as mb
-from metabatch import _transport, loader
+from metabatch import _transport
 from tests import tasks_for_tests as T
 
 # Any DataLoader shutdown (not only after an error) can race torch's own index-queue feeder thread
@@ -21,6 +23,15 @@ from tests import tasks_for_tests as T
 # torch thread: tolerated in every test here (metabatch itself starts no thread).
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Exception in thread QueueFeederThread:pytest.PytestUnhandledThreadExceptionWarning")
+
+
+# The loader's core tests run under fork and under spawn (the default on macOS and Windows).
+START_METHODS = pytest.mark.parametrize("start_method", ["fork", "spawn"])
+
+
+def workers(num_workers: int, start_method: str) -> dict:
+    """Loader options for ``num_workers`` workers started by ``start_method`` (none for 0 workers)."""
+    return dict(num_workers=num_workers, multiprocessing_context=start_method if num_workers else None)
 
 
 def digest(batches) -> str:
@@ -59,10 +70,11 @@ def test_task_j_is_built_from_fold_in_of_the_batch_key():
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core CI machine
-@pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
-def test_stream_is_independent_of_worker_count(num_workers):
+@pytest.mark.parametrize("num_workers, start_method", [(0, None), (1, "fork"), (2, "fork"), (3, "fork"),
+                                                       (1, "spawn"), (2, "spawn")])
+def test_stream_is_independent_of_worker_count(num_workers, start_method):
     ref = digest(mb.task_loader(T.sinusoid, sinusoid_specs()))
-    assert digest(mb.task_loader(T.sinusoid, sinusoid_specs(), num_workers=num_workers)) == ref
+    assert digest(mb.task_loader(T.sinusoid, sinusoid_specs(), **workers(num_workers, start_method))) == ref
 
 
 @pytest.mark.parametrize("context", ["spawn", "forkserver"])
@@ -79,23 +91,25 @@ def one_buffer(batch) -> bool:
     return all(0 <= b[0] - a[1] < 64 for a, b in zip(spans, spans[1:]))
 
 
-def test_large_batches_travel_in_one_shared_buffer():
+@START_METHODS
+def test_large_batches_travel_in_one_shared_buffer(start_method):
     specs = mb.batch_specs(0, 50, 4, 3, 2, num_batches=4)
     ref = list(mb.task_loader(T.big_task, specs))
-    got = list(mb.task_loader(T.big_task, specs, num_workers=2))
+    got = list(mb.task_loader(T.big_task, specs, num_workers=2, multiprocessing_context=start_method))
     assert digest(got) == digest(ref)
     for x, y in got:
         assert one_buffer((x, y))
         assert x.dtype == torch.float32 and y.dtype == torch.int64
 
 
-def test_pooled_buffers_are_reused_only_after_the_batch_dies():
+@START_METHODS
+def test_pooled_buffers_are_reused_only_after_the_batch_dies(start_method):
     specs = mb.batch_specs(0, 50, 4, 3, 2, num_batches=30)
     ref = [digest([b]) for b in mb.task_loader(T.big_task, specs)]
-    kept = list(mb.task_loader(T.big_task, specs, num_workers=2))  # more batches alive than slots
+    kept = list(mb.task_loader(T.big_task, specs, **workers(2, start_method)))  # more alive than slots
     assert [digest([b]) for b in kept] == ref
     ptrs, got = [], []
-    for batch in mb.task_loader(T.big_task, specs, num_workers=2):  # each batch dies before the next
+    for batch in mb.task_loader(T.big_task, specs, **workers(2, start_method)):  # each dies before the next
         ptrs.append(batch[0].data_ptr())
         got.append(digest([batch]))
         del batch
@@ -220,13 +234,16 @@ def worker_segments() -> list:
     return [name for name in os.listdir("/dev/shm") if any(f"_{pid}_" in name for pid in pids)]
 
 
+@START_METHODS
 @pytest.mark.parametrize("persistent_workers", [False, True])
-def test_no_shared_memory_leaks(persistent_workers):
+def test_no_shared_memory_leaks(persistent_workers, start_method):
+    if start_method != "fork":  # spawn's resource tracker: started once per process, kept open (not a leak)
+        multiprocessing.resource_tracker.ensure_running()
     gc.collect()
     before = shared_memory_state()
     specs = mb.batch_specs(0, 50, 4, (1, 3), 2, num_batches=150)
     ref = digest([mb.build_batch(T.big_task, specs[i]) for i in range(40)])
-    dl = mb.task_loader(T.big_task, specs, num_workers=2, persistent_workers=persistent_workers)
+    dl = mb.task_loader(T.big_task, specs, **workers(2, start_method), persistent_workers=persistent_workers)
     for epoch in range(3):
         states = []
         for step, batch in enumerate(dl):
@@ -247,10 +264,11 @@ def test_no_shared_memory_leaks(persistent_workers):
     assert settles_to(before), f"{shared_memory_state()} != {before}: {holders()}"
 
 
-def test_cut_short_epochs_with_persistent_workers():
+@START_METHODS
+def test_cut_short_epochs_with_persistent_workers(start_method):
     specs = mb.batch_specs(0, 50, 4, (1, 3), 2, num_batches=12)
     ref = [digest([mb.build_batch(T.big_task, spec)]) for spec in specs]
-    dl = mb.task_loader(T.big_task, specs, num_workers=2, persistent_workers=True)
+    dl = mb.task_loader(T.big_task, specs, **workers(2, start_method), persistent_workers=True)
     for cut in (3, 7, 12, 1, 12):
         got = []
         for step, batch in enumerate(dl):
@@ -263,24 +281,27 @@ def test_cut_short_epochs_with_persistent_workers():
     assert _transport.REMOTES == {}
 
 
-def test_small_batches_travel_inline_as_one_buffer():
-    for batch in mb.task_loader(T.sinusoid, sinusoid_specs(num_batches=2), num_workers=1):
+@START_METHODS
+def test_small_batches_travel_inline_as_one_buffer(start_method):
+    for batch in mb.task_loader(T.sinusoid, sinusoid_specs(num_batches=2), **workers(1, start_method)):
         assert one_buffer(batch)
 
 
-def test_torch_leaves_and_pin_memory_option():
+@START_METHODS
+def test_torch_leaves_and_pin_memory_option(start_method):
     specs = mb.batch_specs(3, 20, 4, (2, 3), 5, num_batches=3)
     ref = list(mb.task_loader(T.torch_task, specs))
-    got = list(mb.task_loader(T.torch_task, specs, num_workers=2, prefetch_factor=1,
+    got = list(mb.task_loader(T.torch_task, specs, **workers(2, start_method), prefetch_factor=1,
                               persistent_workers=True, timeout=30))
     assert digest(got) == digest(ref)
     x, y = ref[0]
     assert x.shape == (4, specs[0].n_ctx, 3) and y.shape == (4, 5)
 
 
-def test_resume_from_start_reproduces_the_tail():
-    full = list(mb.task_loader(T.sinusoid, sinusoid_specs(), num_workers=2))
-    tail = list(mb.task_loader(T.sinusoid, sinusoid_specs(start=4), num_workers=2))
+@START_METHODS
+def test_resume_from_start_reproduces_the_tail(start_method):
+    full = list(mb.task_loader(T.sinusoid, sinusoid_specs(), **workers(2, start_method)))
+    tail = list(mb.task_loader(T.sinusoid, sinusoid_specs(start=4), **workers(2, start_method)))
     assert digest(tail) == digest(full[4:])
 
 
@@ -328,24 +349,26 @@ def bad_specs():
     return mb.batch_specs(0, num_tasks=10, batch_size=10, n_ctx=3, n_tgt=3, shuffle=False, num_batches=1)
 
 
+# One spawn worker: with two, the error can end the epoch while the other one is still starting, and torch
+# then reports that worker's death from the iterator's __del__, after the test.
 @tolerate_feeder_race
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers, start_method", [(0, None), (2, "fork"), (1, "spawn")])
 @pytest.mark.parametrize("task, what", [
     (T.ragged, r"leaf \['x'\] has shape \(3, 2\) vs \(4, 2\)"),
     (T.restructured, "pytree structure"),
     (T.retyped, "dtype torch.float32 vs torch.float64"),
 ])
-def test_mismatched_tasks_name_both_tasks_and_the_step(task, what, num_workers):
+def test_mismatched_tasks_name_both_tasks_and_the_step(task, what, num_workers, start_method):
     with pytest.raises(ValueError, match=what) as info:
-        list(mb.task_loader(task, bad_specs(), num_workers=num_workers))
+        list(mb.task_loader(task, bad_specs(), **workers(num_workers, start_method)))
     assert "step 0: task 0 (index 0) and task 7 (index 7)" in str(info.value)
 
 
 @tolerate_feeder_race
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_task_errors_keep_type_and_carry_step_index_key(num_workers):
+@pytest.mark.parametrize("num_workers, start_method", [(0, None), (2, "fork"), (1, "spawn")])
+def test_task_errors_keep_type_and_carry_step_index_key(num_workers, start_method):
     with pytest.raises(KeyError, match="no such character: 7") as info:
-        list(mb.task_loader(T.failing, bad_specs(), num_workers=num_workers))
+        list(mb.task_loader(T.failing, bad_specs(), **workers(num_workers, start_method)))
     text = str(info.value) + "".join(getattr(info.value, "__notes__", []))
     spec = bad_specs()[0]
     assert "step 0, task 7 of the batch (index 7)" in text
