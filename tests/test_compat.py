@@ -1,7 +1,11 @@
 """metabatch 0.9.1 code runs unchanged on the compat layer."""
 
 import hashlib
+import os
+import pathlib
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +15,8 @@ from hypothesis import strategies as st
 
 import metabatch as mb
 from metabatch import TaskLoader, TaskSet
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 
 # Any DataLoader shutdown (not only after an error) can race torch's own index-queue feeder thread
 # when the machine is loaded: it closes the queue while the thread still writes the workers' stop
@@ -241,3 +247,178 @@ def test_legacy_errors_say_how_to_rebuild_the_batch(num_workers):
         list(loader)
     text = str(info.value) + "".join(getattr(info.value, "__notes__", []))
     assert "__gettask__(3, " in text and "step 0, task 3 of the batch" in text and "loader.dataset[spec]" in text
+
+
+# ----- metabatch 0.9.1 code as it really is ---------------------------------------------------------------
+
+def sample_n_images(images, n):
+    return images[np.random.choice(len(images), n)]
+
+
+class ReadmeTaskSet(TaskSet):
+    """0.9.1's README ``MyTaskSet``, its ``...`` filled in with the obvious."""
+
+    def __init__(self, task_data, **kw):
+        super().__init__(**kw)
+        self.task_data = task_data
+
+    def __len__(self):
+        return len(self.task_data)
+
+    def __gettask__(self, idx, n_context, n_target):
+        data = self.task_data[idx]
+        context_images = sample_n_images(data['images'], n_context)
+        target_images = sample_n_images(data['images'], n_target)
+        return {
+            'context': context_images,
+            'target': target_images
+        }
+
+
+class LabelledTaskSet(ReadmeTaskSet):
+    """The README's task with its label kept: a string leaf ('dog')."""
+
+    def __gettask__(self, idx, n_context, n_target):
+        return {**super().__gettask__(idx, n_context, n_target), 'label': self.task_data[idx]['label']}
+
+
+ANIMALS = ['dog', 'cat', 'cow', 'owl']
+README_DATA = [{'images': np.arange(12 * 6, dtype=np.float32).reshape(12, 6) + 100 * i,
+                'label': ANIMALS[i % 4]} for i in range(40)]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # the README's 8 workers on 2 cores
+def test_091_readme_program_runs_unchanged():
+    dataset = ReadmeTaskSet(README_DATA, min_pts=1, max_ctx_pts=5, max_tgt_pts=10)
+    dataloader = TaskLoader(dataset, batch_size=16, workers=8)
+    sizes = []
+    for batch in dataloader:
+        sizes.append(batch['context'].shape[0])
+        assert batch['context'].shape[2:] == batch['target'].shape[2:] == (6,)
+    assert sizes == [16, 16, 8]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_string_leaves_collate_as_default_collate_does(num_workers):
+    def make():
+        return TaskLoader(LabelledTaskSet(README_DATA, min_pts=1, max_ctx_pts=5, max_tgt_pts=10), batch_size=16,
+                          num_workers=num_workers, seed=0)
+    loader = make()
+    batches = list(loader)
+    assert [b['label'] for b in batches] == [[d['label'] for d in README_DATA[s:s + 16]] for s in (0, 16, 32)]
+    assert batches[0]['label'][:5] == ['dog', 'cat', 'cow', 'owl', 'dog']
+    for spec, batch in zip(make().specs, batches, strict=True):  # a twin's first epoch
+        assert isinstance(batch['context'], torch.Tensor)
+        assert batch['context'].shape == (len(spec.indices), spec.n_ctx, 6)
+        # exactly torch's default_collate of the tasks, built as a worker builds them
+        expected = torch.utils.data.default_collate(loader.dataset[spec].outputs)
+        assert expected['label'] == batch['label'] and torch.equal(expected['context'], batch['context'])
+
+
+class Curriculum(TaskSet):
+    def __init__(self):
+        super().__init__(1, 2, 3)
+        self.level = 0
+
+    def __len__(self):
+        return 8
+
+    def __gettask__(self, idx, n_context, n_target):
+        return np.full(n_context, self.level)
+
+
+def test_workers_are_not_persistent_so_a_changed_taskset_reaches_them():
+    taskset = Curriculum()
+    loader = TaskLoader(taskset, batch_size=4, num_workers=2, seed=0)
+    assert loader.persistent_workers is False
+    first = [b.unique().tolist() for b in loader]
+    taskset.level = 1  # the next curriculum level, between epochs
+    second = [b.unique().tolist() for b in loader]
+    assert first == [[0], [0]] and second == [[1], [1]]
+
+
+def test_dataset_is_the_users_taskset():
+    taskset = readme_set()
+    loader = TaskLoader(taskset, batch_size=4, num_workers=2, seed=0)
+    assert loader.dataset is taskset
+
+
+def seeded_globally(seed: int, torch_seed: int | None = None) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed if torch_seed is None else torch_seed)
+
+
+def test_without_seed_the_stream_follows_the_global_generators():
+    def run(num_workers, seed=0, torch_seed=None):
+        seeded_globally(seed, torch_seed)
+        loader = TaskLoader(readme_set(), batch_size=6, shuffle=True, n_batches=4, num_workers=num_workers)
+        return loader.seed, digest(as_list(loader))
+
+    ref = run(0)
+    hi = int(np.random.RandomState(0).randint(0, 2**32, dtype=np.int64))
+    lo = int(torch.randint(0, 2**32, (), dtype=torch.int64, generator=torch.Generator().manual_seed(0)))
+    assert ref[0] == hi << 32 | lo  # drawn once from numpy's, then torch's global generator
+    assert run(0) == ref and run(2) == ref  # the same on every run, for any worker count
+    assert run(0, seed=1)[0] != ref[0] and run(0, torch_seed=1)[0] != ref[0]  # both generators count
+    assert run(0, seed=1)[1] != ref[1]
+
+
+def test_num_workers_0_leaves_the_training_loops_randomness_to_the_users_seed():
+    def draws(cls, seed=3):
+        seeded_globally(seed)
+        loader = TaskLoader(cls(TASK_DATA, 1, 5, 10), batch_size=4, shuffle=True, n_batches=3, seed=0)
+        out = []
+        for _ in loader:
+            mask = torch.nn.functional.dropout(torch.ones(8), 0.5)  # the loop's own randomness
+            out.append((mask.tolist(), torch.rand(()).item(), np.random.rand(), random.random()))
+        return out
+
+    # A legacy TaskSet draws from the global generators inside each batch; the loop around it sees exactly
+    # what it sees next to a keyed TaskSet, which touches no global generator (DataLoader itself draws
+    # one number from torch's per epoch, for both).
+    ref = draws(KeyedTaskSet)
+    assert draws(MyTaskSet) == ref
+    assert draws(MyTaskSet, seed=4) != ref
+
+
+def test_eval_options_are_checked_per_batch():
+    taskset = readme_set(predict_full_target_during_eval=True)  # fine while eval is False
+    loader = TaskLoader(taskset, batch_size=4, seed=0)
+    taskset.eval = True  # 0.9.1 code switches modes on the dataset
+    with pytest.raises(ValueError, match=r"predict_full_target_during_eval \(eval=True\) need total_tgt_pts"):
+        list(loader)
+    short = readme_set(total_tgt_pts=3, predict_full_target_during_eval=True)
+    short.eval = True
+    with pytest.raises(ValueError, match="no target point is left"):
+        list(TaskLoader(short, batch_size=4, shuffle=True, n_batches=40, seed=0))
+
+
+@pytest.mark.parametrize("args, name", [((1.5, 5, 10), "min_pts"), ((1, "5", 10), "max_ctx_pts"),
+                                        ((1, 5, 10, 12.0), "total_tgt_pts")])
+def test_taskset_sizes_must_be_ints(args, name):
+    with pytest.raises(TypeError, match=f"TaskSet\\(\\): {name} must be an int"):
+        MyTaskSet(TASK_DATA, *args)
+
+
+def test_loader_ints_must_be_ints():
+    with pytest.raises(TypeError, match=r"TaskLoader\(\): batch_size must be an int"):
+        TaskLoader(readme_set(), batch_size=4.0)
+    with pytest.raises(TypeError, match=r"TaskLoader\(\): num_workers must be an int"):
+        TaskLoader(readme_set(), num_workers="2")
+
+
+@pytest.mark.slow
+def test_091_neural_process_program_is_reproducible_and_worker_count_independent():
+    program = pathlib.Path(__file__).with_name("legacy_neural_process.py")
+
+    def run(*flags):
+        out = subprocess.run([sys.executable, str(program), *flags], capture_output=True, text=True,
+                             cwd=program.parents[1], timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.splitlines()
+
+    first = run()
+    assert len(first) == 2 and all(line.endswith("batches 5") for line in first)
+    assert run() == first  # globally seeded, as 0.9.1 scripts are: the same on every run
+    assert run("-w", "0") == first  # and for any number of workers
