@@ -1,4 +1,4 @@
-"""A metabatch 0.9.1 program, in the shape of 0.9.1's examples/neural_process.py (run by tests/test_compat.py).
+"""A metabatch 0.9.1 program in the shape of 0.9.1's examples/neural_process.py (tests/test_compat.py runs it).
 
 What makes it 0.9.1 code: a ``TaskSet`` subclass built with six positional arguments; ``__gettask__``
 drawing from the global ``np.random`` and ``torch`` generators; a tqdm loop over a ``TaskLoader`` with
@@ -42,7 +42,8 @@ class ImageCompletion(TaskSet):
 class CNP(torch.nn.Module):
     def __init__(self, width=32):
         super().__init__()
-        self.encoder = torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.ReLU(), torch.nn.Linear(width, width))
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.ReLU(),
+                                           torch.nn.Linear(width, width))
         self.decoder = torch.nn.Sequential(torch.nn.Linear(width + 2, width), torch.nn.ReLU(),
                                            torch.nn.Linear(width, 2))
 

@@ -301,11 +301,12 @@ def test_091_readme_program_runs_unchanged():
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_string_leaves_collate_as_default_collate_does(num_workers):
     def make():
-        return TaskLoader(LabelledTaskSet(README_DATA, min_pts=1, max_ctx_pts=5, max_tgt_pts=10), batch_size=16,
-                          num_workers=num_workers, seed=0)
+        taskset = LabelledTaskSet(README_DATA, min_pts=1, max_ctx_pts=5, max_tgt_pts=10)
+        return TaskLoader(taskset, batch_size=16, num_workers=num_workers, seed=0)
     loader = make()
     batches = list(loader)
-    assert [b['label'] for b in batches] == [[d['label'] for d in README_DATA[s:s + 16]] for s in (0, 16, 32)]
+    labels = [[d['label'] for d in README_DATA[s:s + 16]] for s in (0, 16, 32)]
+    assert [b['label'] for b in batches] == labels
     assert batches[0]['label'][:5] == ['dog', 'cat', 'cow', 'owl', 'dog']
     for spec, batch in zip(make().specs, batches, strict=True):  # a twin's first epoch
         assert isinstance(batch['context'], torch.Tensor)
