@@ -1,4 +1,4 @@
-"""A metabatch 0.9.1 program in the shape of 0.9.1's examples/neural_process.py (tests/test_compat.py runs it).
+"""A metabatch 0.9.1 program shaped like 0.9.1's examples/neural_process.py (tests/test_compat.py runs it).
 
 What makes it 0.9.1 code: a ``TaskSet`` subclass built with six positional arguments; ``__gettask__``
 drawing from the global ``np.random`` and ``torch`` generators; a tqdm loop over a ``TaskLoader`` with
