@@ -39,11 +39,38 @@ def test_the_quickstarts_are_collected():
     assert any("task_loader" in b for b in blocks(ROOT / "docs" / "index.md"))
 
 
+# Pages whose blocks do not run yet, with their owner's issue: strict, so that a page that starts to run
+# fails here until its entry is removed.
+NOT_YET = {
+    "docs/distributed.md": "its block needs torchrun's environment (RANK, WORLD_SIZE): issue 12",
+    "docs/maml.md": "fragments that use names defined nowhere on the page: issue 12",
+    "docs/sharp-bits.md": "fragments that use names defined nowhere on the page: issue 12",
+    "docs/tasks.md": "a signature written as a python block: issue 12",
+}
+
+
+def uses_workers(page: pathlib.Path) -> bool:
+    return any("num_workers=" in b or "workers=" in b for b in blocks(page))
+
+
+def cases():
+    for page in PAGES:
+        if not blocks(page):
+            continue
+        name = str(page.relative_to(ROOT))
+        marks = [pytest.mark.xfail(reason=NOT_YET[name], strict=True)] if name in NOT_YET else []
+        yield pytest.param(page, None, marks=marks, id=name)
+        if uses_workers(page) and name not in NOT_YET:  # the start method of macOS and Windows
+            yield pytest.param(page, "spawn", id=f"{name}-spawn")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
-def test_page_runs_as_one_script(page, tmp_path):
+@pytest.mark.parametrize("page, start_method", list(cases()))
+def test_page_runs_as_one_script(page, start_method, tmp_path):
     script = tmp_path / f"{page.stem}.py"
-    script.write_text("\n\n".join(blocks(page)), encoding="utf-8")
+    prelude = "" if start_method is None else (
+        f"import multiprocessing\nmultiprocessing.set_start_method({start_method!r}, force=True)\n\n")
+    script.write_text(prelude + "\n\n".join(blocks(page)), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     try:
         out = subprocess.run([sys.executable, "-W", "error", str(script)], cwd=ROOT, env=env, text=True,
