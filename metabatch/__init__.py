@@ -2,7 +2,7 @@
 
 Explicit random keys, seeded batch specs, a parallel task loader that builds
 uniform batches of tasks in worker processes, and the MAML family as pure
-functions on ``torch.func`` (``grad`` + ``vmap`` over the task dimension).
+functions on `torch.func` (`grad` + `vmap` over the task dimension).
 
 Examples:
     >>> import metabatch as mb

@@ -1,23 +1,23 @@
 """What spawn and forkserver workers need of the main script, checked in the main process (private).
 
-A ``spawn`` (the default on macOS and Windows) or ``forkserver`` worker starts a
-fresh interpreter, imports the main script under the name ``__mp_main__`` — so
-its ``if __name__ == "__main__":`` block does not run there — and unpickles
+A `spawn` (the default on macOS and Windows) or `forkserver` worker starts a
+fresh interpreter, imports the main script under the name `__mp_main__` — so
+its `if __name__ == "__main__":` block does not run there — and unpickles
 what the loader sends it. Two mistakes then kill every worker, and the main
 process reads only "DataLoader worker (pid(s) …) exited unexpectedly":
 
 - the task function (or the dataset, a collate function, or anything they
-  refer to) lives in ``__main__`` where the worker's import does not define it:
+  refer to) lives in `__main__` where the worker's import does not define it:
   inside the main guard, or in a main module that has no file at all (a
-  notebook, ``python -c``, a script piped to stdin);
+  notebook, `python -c`, a script piped to stdin);
 - the script iterates a loader at its top level, outside the main guard: each
   worker's import runs that loop again and tries to start workers of its own.
 
-:func:`check_importable` finds the first mistake before any worker starts: it
-pickles the object as a worker receives it, records every global of ``__main__``
+`check_importable` finds the first mistake before any worker starts: it
+pickles the object as a worker receives it, records every global of `__main__`
 that the pickle refers to, and looks each name up among the names the main
 script binds at its top level (its AST, main-guard bodies left out).
-:func:`check_iteration` finds the second: a loader iterated from the main
+`check_iteration` finds the second: a loader iterated from the main
 script's top-level code outside a main guard; inside a worker that is still
 importing the main script, it names the fix instead of multiprocessing's
 "bootstrapping phase" error.
@@ -55,7 +55,7 @@ def _empty():
 
 
 class _MainRefs(pickle.Pickler):
-    """Pickles into nothing, recording the ``__main__`` globals (functions, classes) it refers to."""
+    """Pickles into nothing, recording the `__main__` globals (functions, classes) it refers to."""
 
     def __init__(self):
         super().__init__(_Discard(), protocol=pickle.HIGHEST_PROTOCOL)
@@ -73,7 +73,7 @@ class _MainRefs(pickle.Pickler):
 
 
 def _is_main_guard(test: ast.expr) -> bool:
-    """``__name__ == "__main__"`` (either way round)."""
+    """`__name__ == "__main__"` (either way round)."""
     if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
         return False
     sides = [test.left, test.comparators[0]]
@@ -82,7 +82,7 @@ def _is_main_guard(test: ast.expr) -> bool:
 
 
 def _bound(body: list[ast.stmt], names: set[str], guards: list[tuple[int, int]]) -> None:
-    """Names bound by ``body`` when imported (main-guard bodies skipped; their line spans recorded)."""
+    """Names bound by `body` when imported (main-guard bodies skipped; their line spans recorded)."""
     for node in body:
         if isinstance(node, ast.If) and _is_main_guard(node.test):
             guards.append((node.body[0].lineno, node.body[-1].end_lineno or node.body[-1].lineno))
@@ -109,7 +109,7 @@ _SCRIPTS: dict[tuple[str, float], tuple[set[str], list[tuple[int, int]]] | None]
 
 
 def _script(path: str):
-    """``(names bound at import, main-guard line spans)`` of the script at ``path``; None if unreadable."""
+    """`(names bound at import, main-guard line spans)` of the script at `path`; None if unreadable."""
     try:
         stamp = os.stat(path).st_mtime
     except OSError:
@@ -128,15 +128,15 @@ def _script(path: str):
 
 
 def _main_file() -> str | None:
-    """The main script's path, or None when workers cannot import it (no file, or ``<stdin>``)."""
+    """The main script's path, or None when workers cannot import it (no file, or `<stdin>`)."""
     path = getattr(sys.modules.get("__main__"), "__file__", None)
     return os.path.abspath(path) if isinstance(path, str) and os.path.isfile(path) else None
 
 
 def check_main(method: str, fn: str) -> None:
-    """Raise a RuntimeError when ``method`` workers would fail to run the main script's file.
+    """Raise a RuntimeError when `method` workers would fail to run the main script's file.
 
-    A script piped to ``python -`` has ``__file__ == "<stdin>"``: multiprocessing
+    A script piped to `python -` has `__file__ == "<stdin>"`: multiprocessing
     then makes every spawn/forkserver worker run a file of that name, and each dies.
     """
     path = getattr(sys.modules.get("__main__"), "__file__", None)
@@ -149,7 +149,7 @@ def check_main(method: str, fn: str) -> None:
 
 
 def check_importable(name: str, obj: Any, method: str, fn: str) -> None:
-    """Raise a TypeError unless ``method`` workers can unpickle ``obj`` (see the module docstring)."""
+    """Raise a TypeError unless `method` workers can unpickle `obj` (see the module docstring)."""
     pickler = _MainRefs()
     try:
         pickler.dump(obj)
@@ -187,7 +187,7 @@ def check_importable(name: str, obj: Any, method: str, fn: str) -> None:
 
 
 def check_iteration(method: str, fn: str) -> None:
-    """Raise a RuntimeError when a loader with ``method`` workers is iterated where they would rerun it."""
+    """Raise a RuntimeError when a loader with `method` workers is iterated where they would rerun it."""
     fix = (f"put the code that builds and iterates the loader under `if __name__ == \"__main__\":` (or in "
            f"a function called from there); '{method}' workers import the main script to find your task "
            f"function, and everything at its top level runs again in each of them")

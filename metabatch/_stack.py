@@ -1,11 +1,11 @@
 """Stacking task outputs into one flat buffer (private, shared by the loader and its transport).
 
-A batch of ``T`` task outputs (equal pytrees of tensors, numpy arrays or
-numbers) becomes one flat ``uint8`` buffer holding every stacked leaf back to
-back (64-byte aligned), plus a :class:`Layout` that says where each leaf
-lives. :func:`fill` writes the buffer that an ``alloc(nbytes)`` callback gives
+A batch of `T` task outputs (equal pytrees of tensors, numpy arrays or
+numbers) becomes one flat `uint8` buffer holding every stacked leaf back to
+back (64-byte aligned), plus a `Layout` that says where each leaf
+lives. `fill` writes the buffer that an `alloc(nbytes)` callback gives
 it (plain memory in the main process, a shared-memory buffer in a loader
-worker: see ``_transport``), and ``Layout.tensors`` cuts the buffer back into
+worker: see `_transport`), and `Layout.tensors` cuts the buffer back into
 zero-copy tensor views. Errors name the first two tasks of a batch that
 differ, and the leaf.
 """
@@ -51,7 +51,7 @@ def _leaf_path(treespec, i: int) -> str:
 
 
 def _leaf_meta(leaf, i: int, treespec, spec=None):
-    """(torch dtype, shape, kind) of leaf ``i`` of task 0's output."""
+    """(torch dtype, shape, kind) of leaf `i` of task 0's output."""
     if isinstance(leaf, torch.Tensor):
         return leaf.dtype, tuple(leaf.shape), _TENSOR
     if isinstance(leaf, (np.ndarray, np.generic)):
@@ -101,9 +101,9 @@ def _mismatch(spec, j, what) -> ValueError:
 class Layout:
     """Where each stacked leaf of a batch lives inside one flat byte buffer.
 
-    Layouts are cached (``layout_of``): a batch of the same structure, leaf
+    Layouts are cached (`layout_of`): a batch of the same structure, leaf
     dtypes and shapes as an earlier one reuses its layout, and a worker sends
-    each layout to the main process once (``_transport.Sender``).
+    each layout to the main process once (`_transport.Sender`).
     """
 
     __slots__ = ("_cuts", "dtypes", "kinds", "nbytes", "offsets", "shapes", "treespec")
@@ -125,7 +125,7 @@ class Layout:
         return Layout, (self.treespec, self.dtypes, self.shapes, self.kinds)
 
     def arrays(self, raw: np.ndarray) -> list:
-        """Each stacked leaf as a view of ``raw`` (flat uint8): numpy where numpy has the dtype."""
+        """Each stacked leaf as a view of `raw` (flat uint8): numpy where numpy has the dtype."""
         out = []
         for shape, np_dtype, offset, size, dtype in self._cuts:
             if np_dtype is not None and size:
@@ -139,9 +139,9 @@ class Layout:
         return out
 
     def tensors(self, raw: np.ndarray) -> list:
-        """The stacked leaves as zero-copy tensor views of ``raw``.
+        """The stacked leaves as zero-copy tensor views of `raw`.
 
-        Every view keeps ``raw`` alive: the handle whose death returns a pooled
+        Every view keeps `raw` alive: the handle whose death returns a pooled
         buffer to its worker.
         """
         from_numpy = torch.from_numpy
@@ -158,7 +158,7 @@ _MAX_LAYOUTS = 1024
 
 
 def layout_of(treespec, leaves: list, num_tasks: int, spec=None) -> Layout:
-    """The (cached) layout of a batch of ``num_tasks`` tasks whose task 0 has these leaves (of ``spec``)."""
+    """The (cached) layout of a batch of `num_tasks` tasks whose task 0 has these leaves (of `spec`)."""
     key = [treespec, num_tasks, torch.get_default_dtype()]
     for leaf in leaves:
         key += (type(leaf), getattr(leaf, "dtype", None), getattr(leaf, "shape", None))
@@ -187,7 +187,7 @@ def _torch_dtype(leaf):
 
 
 def _diagnose(spec, outs, err: BaseException | None = None, leaf: int | None = None) -> ValueError:
-    """The error for the first task whose output differs from task 0's (or that breaks leaf ``leaf``)."""
+    """The error for the first task whose output differs from task 0's (or that breaks leaf `leaf`)."""
     first, treespec = optree.tree_flatten(outs[0])
     paths = optree.tree_paths(outs[0])
     for j in range(1, len(outs)):
@@ -216,7 +216,7 @@ def _diagnose(spec, outs, err: BaseException | None = None, leaf: int | None = N
 
 
 def _as_tensor(leaf, dtype: torch.dtype) -> torch.Tensor:
-    """A numpy leaf in a column of tensors: as a tensor, if numpy's dtype is torch's ``dtype``."""
+    """A numpy leaf in a column of tensors: as a tensor, if numpy's dtype is torch's `dtype`."""
     if isinstance(leaf, (np.ndarray, np.generic)) and _TORCH_DTYPE.get(leaf.dtype) is dtype:
         if isinstance(leaf, np.ndarray) and leaf.flags.writeable:
             return torch.from_numpy(leaf)
@@ -229,13 +229,13 @@ def _plain(nbytes: int) -> np.ndarray:
 
 
 def fill(outs: list, spec, alloc=_plain):
-    """Stack task outputs into one flat uint8 buffer. Returns ``(layout, raw)``.
+    """Stack task outputs into one flat uint8 buffer. Returns `(layout, raw)`.
 
     Task 0 is flattened once; every other task is cut along task 0's treespec
-    (``flatten_up_to``: 0.3 µs a task against 2.3 µs for a full flatten), which
-    fails on a structure that differs. Then per leaf one ``concatenate`` /
-    ``stack`` / assignment writes the column straight into its place in the
-    buffer. ``alloc(nbytes)`` returns the buffer as a flat uint8 numpy array.
+    (`flatten_up_to`: 0.3 µs a task against 2.3 µs for a full flatten), which
+    fails on a structure that differs. Then per leaf one `concatenate` /
+    `stack` / assignment writes the column straight into its place in the
+    buffer. `alloc(nbytes)` returns the buffer as a flat uint8 numpy array.
     """
     leaves, treespec = optree.tree_flatten(outs[0])
     try:
@@ -272,7 +272,7 @@ def fill(outs: list, spec, alloc=_plain):
 
 
 def unflatten(layout: Layout, leaves: list):
-    """The batch pytree of ``layout`` with these leaves."""
+    """The batch pytree of `layout` with these leaves."""
     return optree.tree_unflatten(layout.treespec, leaves)
 
 

@@ -2,44 +2,44 @@
 
 The path of one batch, in order:
 
-1. The DataLoader's sampler yields a ``BatchSpec``; DataLoader sends it to a
-   worker (an index queue), which calls ``dataset[spec]``: the list of that
-   spec's task outputs (``loader.Tasks``).
-2. In the worker, ``loader``'s collate step calls :func:`pack`: the outputs are
-   stacked (``_stack.fill``) straight into one buffer — inline bytes for a
-   small batch, else a shared-memory buffer from the worker's :class:`Sender`
-   pool — and wrapped in a :class:`Message` (a NamedTuple).
-3. DataLoader pickles the message onto its result queue. ``Message.__reduce__``
-   makes unpickling in the main process call :func:`receive`, in the order the
+1. The DataLoader's sampler yields a `BatchSpec`; DataLoader sends it to a
+   worker (an index queue), which calls `dataset[spec]`: the list of that
+   spec's task outputs (`loader.Tasks`).
+2. In the worker, `loader`'s collate step calls `pack`: the outputs are
+   stacked (`_stack.fill`) straight into one buffer — inline bytes for a
+   small batch, else a shared-memory buffer from the worker's `Sender`
+   pool — and wrapped in a `Message` (a NamedTuple).
+3. DataLoader pickles the message onto its result queue. `Message.__reduce__`
+   makes unpickling in the main process call `receive`, in the order the
    worker sent its messages; what the main process has received once stays
-   there (``REMOTES[token]``), so later messages refer to it by number:
+   there (`REMOTES[token]`), so later messages refer to it by number:
 
    - a layout travels with the first batch that uses it, then as a number;
    - a pooled shared buffer (and the pool's flags array) travels once per
      buffer, as torch's file descriptor; later batches in that buffer send only
-     ``(slot, generation)``. torch's fd reducer would otherwise make the main
+     `(slot, generation)`. torch's fd reducer would otherwise make the main
      process fetch the descriptor over a fresh connection to the worker on
      every batch, a round trip that waits for the busy worker's GIL.
 
-4. :func:`receive` returns a :class:`Packed` (buffer + layout); with
-   ``pin_memory`` DataLoader's pin thread calls ``Packed.pin_memory``.
-   ``TaskDataLoader.__iter__`` calls ``Packed.unpack``: the user's pytree of
+4. `receive` returns a `Packed` (buffer + layout); with
+   `pin_memory` DataLoader's pin thread calls `Packed.pin_memory`.
+   `TaskDataLoader.__iter__` calls `Packed.unpack`: the user's pytree of
    zero-copy tensor views of the buffer. When the last view dies, the slot's
    flag is set free again and the worker reuses the buffer.
 
-Nothing is left in ``/dev/shm``, under either of torch's sharing strategies.
-With the default ``file_descriptor`` strategy no segment has a name: torch
-unlinks it at creation. With ``set_sharing_strategy("file_system")`` a
+Nothing is left in `/dev/shm`, under either of torch's sharing strategies.
+With the default `file_descriptor` strategy no segment has a name: torch
+unlinks it at creation. With `set_sharing_strategy("file_system")` a
 segment keeps its name until every process that mapped it lets go: a worker
-drops its pool when it exits (``Sender.close``, from multiprocessing's exit
-hooks) and the main process when the iterator dies (:func:`forget`), so no
+drops its pool when it exits (`Sender.close`, from multiprocessing's exit
+hooks) and the main process when the iterator dies (`forget`), so no
 name outlives an epoch (or, with persistent workers, the loader); when a
 process is killed, torch's shared-memory manager removes the names once all
 of them are gone.
-``TaskDataLoader`` drops a worker's entry of ``REMOTES`` (:func:`forget`) when
+`TaskDataLoader` drops a worker's entry of `REMOTES` (`forget`) when
 the DataLoader iterator that ran it dies; registering a new worker also drops
 entries of workers that no longer exist. Measured against torch's own tensor
-sharing (one segment per leaf) in ``benchmarks/loader.py``.
+sharing (one segment per leaf) in `benchmarks/loader.py`.
 """
 
 from __future__ import annotations
@@ -71,17 +71,17 @@ class Sender:
     """A worker's transport state: its token, the layouts and buffers the main process already holds.
 
     Pooled buffers: allocating and first touching a fresh shared-memory segment
-    costs milliseconds for a batch of images (``benchmarks/loader.py``); a
+    costs milliseconds for a batch of images (`benchmarks/loader.py`); a
     pooled buffer is mapped once in each process and reused. The worker marks a
     slot busy when it fills it; the main process marks it free again when the
     last view of that batch dies. When every slot is busy (the user keeps many
     batches alive) the worker falls back to a one-off segment.
 
-    The worker drops its pool when it exits (:meth:`close`, run by
-    multiprocessing's exit hooks, since a worker ends with ``os._exit`` and
-    never frees its objects): under ``set_sharing_strategy("file_system")`` a
-    segment has a name in ``/dev/shm`` until every process that mapped it lets
-    go, and a pool held until ``os._exit`` kept its names there until the main
+    The worker drops its pool when it exits (`close`, run by
+    multiprocessing's exit hooks, since a worker ends with `os._exit` and
+    never frees its objects): under `set_sharing_strategy("file_system")` a
+    segment has a name in `/dev/shm` until every process that mapped it lets
+    go, and a pool held until `os._exit` kept its names there until the main
     process exited.
     """
 
@@ -106,7 +106,7 @@ class Sender:
         self.flags_sent = False
 
     def take(self, nbytes: int):
-        """``(slot, generation, tensor, raw)``: a shared buffer of at least ``nbytes``; slot None if one-off."""
+        """`(slot, generation, tensor, raw)`: a shared buffer of at least `nbytes`; slot None if one-off."""
         if self.flags is None:
             self.flags = torch.zeros(_POOL_SLOTS, dtype=torch.uint8).share_memory_()
             self._flags = self.flags.numpy()
@@ -157,18 +157,18 @@ def _close(ref) -> None:
 
 
 class Message(NamedTuple):
-    """What a worker returns for one spec; unpickled in the main process by :func:`receive`.
+    """What a worker returns for one spec; unpickled in the main process by `receive`.
 
     Attributes:
         token: the sending worker's random id (a new one whenever a worker starts).
-        hello: the worker's pid on its first message, else ``None``.
+        hello: the worker's pid on its first message, else `None`.
         flags: the pool's shared flags tensor, on the first pooled batch only.
         layout_id: the number of this batch's layout.
-        layout: the :class:`_stack.Layout` itself the first time it is used, else ``None``.
-        slot: the pool slot holding the batch, or ``None`` (inline bytes or a one-off buffer).
-        gen: the generation of the buffer in ``slot``.
-        buf: the slot's shared tensor the first time it crosses, else ``None``.
-        data: inline bytes or a one-off shared tensor (``slot`` is ``None``), else ``None``.
+        layout: the `_stack.Layout` itself the first time it is used, else `None`.
+        slot: the pool slot holding the batch, or `None` (inline bytes or a one-off buffer).
+        gen: the generation of the buffer in `slot`.
+        buf: the slot's shared tensor the first time it crosses, else `None`.
+        data: inline bytes or a one-off shared tensor (`slot` is `None`), else `None`.
     """
 
     token: int
@@ -243,8 +243,8 @@ def _release(flags: np.ndarray, slot: int) -> None:
 class Packed:
     """One batch in the main process: a flat buffer plus its layout.
 
-    ``buf`` is a bytearray (inline), a one-off shared tensor, or a pooled shared
-    tensor, in which case ``lease`` is ``(flags, slot)``: the slot is handed
+    `buf` is a bytearray (inline), a one-off shared tensor, or a pooled shared
+    tensor, in which case `lease` is `(flags, slot)`: the slot is handed
     back to its worker once the batch's views are gone (or at once, if this
     object dies unpacked).
     """
@@ -314,7 +314,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def pack(sender: Sender, outs: list, spec) -> Message:
-    """Stack one spec's task outputs into ``sender``'s buffers: the message a worker returns."""
+    """Stack one spec's task outputs into `sender`'s buffers: the message a worker returns."""
     got: list = []
 
     def alloc(nbytes):

@@ -1,14 +1,14 @@
 """Checkpoints that a crash never destroys, loaded without running code.
 
-:func:`save` writes to a temporary file in the checkpoint's own folder,
+[`save`][metabatch.checkpoint.save] writes to a temporary file in the checkpoint's own folder,
 flushes and fsyncs it, then renames it over the checkpoint in one atomic
 step: a crash at any moment leaves either the previous checkpoint or the new
 one, never a torn file. Temporaries that a crashed writer left behind are
-removed by the next :func:`save` to the same path. :func:`load` reads with
-``torch.load(..., weights_only=True)``, which never unpickles arbitrary
-objects: a checkpoint holds tensors, numbers, strings, and lists, tuples and
-dicts of them (``state_dict()`` of modules and optimizers, a step, a seed).
-Store keys as :func:`metabatch.random.key_data` words, not as ``Key`` objects.
+removed by the next [`save`][metabatch.checkpoint.save] to the same path.
+[`load`][metabatch.checkpoint.load] reads with `torch.load(..., weights_only=True)`, which never
+unpickles arbitrary objects: a checkpoint holds tensors, numbers, strings, and lists, tuples and
+dicts of them (`state_dict()` of modules and optimizers, a step, a seed).
+Store keys as [metabatch.random.key_data][] words, not as `Key` objects.
 
 Examples:
     >>> import pathlib, tempfile, torch, metabatch as mb
@@ -67,15 +67,15 @@ def _remove_stale(path: Path) -> None:
 
 
 def save(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` to ``path`` with ``torch.save``, atomically.
+    """Write `obj` to `path` with `torch.save`, atomically.
 
     Args:
-        obj: what ``torch.save`` accepts and ``weights_only=True`` loads back:
-            tensors, numbers, strings, ``None`` and lists / tuples / dicts of them.
+        obj: what `torch.save` accepts and `weights_only=True` loads back:
+            tensors, numbers, strings, `None` and lists / tuples / dicts of them.
         path: the checkpoint file; its folder is created if missing.
 
     Returns:
-        ``path`` as a ``pathlib.Path``.
+        `path` as a `pathlib.Path`.
 
     Raises:
         OSError: the folder cannot be written (the previous checkpoint, if any, is intact).
@@ -115,19 +115,19 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
-    """Read a checkpoint written by :func:`save` (or ``torch.save``) with ``weights_only=True``.
+    """Read a checkpoint written by `save` (or `torch.save`) with `weights_only=True`.
 
     Args:
         path: the checkpoint file.
-        map_location: where tensors go, as in ``torch.load`` (default ``"cpu"``).
+        map_location: where tensors go, as in `torch.load` (default `"cpu"`).
 
     Returns:
         The saved object.
 
     Raises:
-        FileNotFoundError: there is no file at ``path``.
+        FileNotFoundError: there is no file at `path`.
         ValueError: the file is not a readable checkpoint (truncated, not written by
-            ``torch.save``) or holds objects that ``weights_only=True`` refuses to build.
+            `torch.save`) or holds objects that `weights_only=True` refuses to build.
 
     Examples:
         >>> import pathlib, tempfile, torch, metabatch as mb

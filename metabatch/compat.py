@@ -1,44 +1,46 @@
-"""The metabatch 0.9.1 interface, ``TaskSet`` and ``TaskLoader``, on the new core.
+"""The metabatch 0.9.1 interface, `TaskSet` and `TaskLoader`, on the new core.
 
-Code written for 0.9.1 runs unchanged::
+Code written for 0.9.1 runs unchanged:
 
-    class MyTaskSet(TaskSet):
-        def __init__(self, data, **sizes):
-            super().__init__(**sizes)
-            self.data = data
-        def __len__(self):
-            return len(self.data)
-        def __gettask__(self, idx, n_context, n_target):
-            ...
+```python
+class MyTaskSet(TaskSet):
+    def __init__(self, data, **sizes):
+        super().__init__(**sizes)
+        self.data = data
+    def __len__(self):
+        return len(self.data)
+    def __gettask__(self, idx, n_context, n_target):
+        ...
 
-    loader = TaskLoader(MyTaskSet(data, min_pts=1, max_ctx_pts=5, max_tgt_pts=10),
-                        batch_size=16, num_workers=8)
+loader = TaskLoader(MyTaskSet(data, min_pts=1, max_ctx_pts=5, max_tgt_pts=10),
+                    batch_size=16, num_workers=8)
+```
 
-Underneath, ``TaskLoader`` is a [TaskDataLoader][metabatch.TaskDataLoader] whose
-dataset is your ``TaskSet`` itself (``loader.dataset``), indexed by
+Underneath, `TaskLoader` is a [TaskDataLoader][metabatch.TaskDataLoader] whose
+dataset is your `TaskSet` itself (`loader.dataset`), indexed by
 [BatchSpec][metabatch.BatchSpec] values: no Manager process, no per-task IPC,
-one message per batch, and every batch reproducible from ``loader.seed``.
+one message per batch, and every batch reproducible from `loader.seed`.
 
-Randomness. Each batch's indices and sizes come from ``loader.seed``
-(without ``seed=``, it is drawn once from the global ``numpy.random`` and
-``torch`` generators, so that a script that seeds them — as 0.9.1 scripts do —
-gets the same stream on every run). Legacy ``__gettask__`` code draws from the
-global ``random``, ``numpy.random`` and ``torch`` generators; so that its
+Randomness. Each batch's indices and sizes come from `loader.seed`
+(without `seed=`, it is drawn once from the global `numpy.random` and
+`torch` generators, so that a script that seeds them — as 0.9.1 scripts do —
+gets the same stream on every run). Legacy `__gettask__` code draws from the
+global `random`, `numpy.random` and `torch` generators; so that its
 output is reproducible too and independent of the worker count, the compat
 layer seeds those three generators from the batch key right before the first
-``__gettask__`` call of each batch, with ``seed = (hi ^ lo) & 0xFFFFFFFF`` of
-``key_data(spec.key)``; the tasks of a batch are then built in order, in one
-process, so task ``j`` draws right after tasks ``0..j-1`` of its batch,
-whatever the number of workers. With ``num_workers=0`` the generators' states
+`__gettask__` call of each batch, with `seed = (hi ^ lo) & 0xFFFFFFFF` of
+`key_data(spec.key)`; the tasks of a batch are then built in order, in one
+process, so task `j` draws right after tasks `0..j-1` of its batch,
+whatever the number of workers. With `num_workers=0` the generators' states
 are restored after each batch, so the training loop's own randomness (dropout,
-``torch.rand``) still follows the user's seed. To rebuild one batch by hand,
-``loader.collate_fn(loader.dataset[spec])`` does what a worker does. Code that
-migrates declares a ``key`` parameter, ``__gettask__(self, idx, n_context,
-n_target, key)``, and draws from [metabatch.random.numpy_rng][] instead; then
+`torch.rand`) still follows the user's seed. To rebuild one batch by hand,
+`loader.collate_fn(loader.dataset[spec])` does what a worker does. Code that
+migrates declares a `key` parameter, `__gettask__(self, idx, n_context,
+n_target, key)`, and draws from [metabatch.random.numpy_rng][] instead; then
 nothing global is touched and each task depends on its own key only.
 
 Tasks whose outputs hold strings or other non-numeric leaves (0.9.1's README
-has ``'label': 'dog'``) are collated as ``torch.utils.data.default_collate``
+has `'label': 'dog'`) are collated as `torch.utils.data.default_collate`
 does (a list of strings); numeric batches travel in one shared buffer.
 
 This module is the only place in metabatch that uses inheritance.
@@ -64,23 +66,23 @@ __all__ = ["TaskSet", "TaskLoader"]
 
 
 class TaskSet(abc.ABC, torch.utils.data.Dataset):
-    """The 0.9.1 task dataset: implement ``__gettask__(idx, n_context, n_target)`` and ``__len__``.
+    """The 0.9.1 task dataset: implement `__gettask__(idx, n_context, n_target)` and `__len__`.
 
-    Per batch, ``n_context ~ U{min_pts..max_ctx_pts}`` and ``n_target ~
-    U{n_context..max_tgt_pts}``; with ``predict_full_target``, ``n_target =
-    total_tgt_pts``; in ``eval`` with ``predict_full_target_during_eval``,
-    ``n_target = total_tgt_pts - n_context``.
+    Per batch, `n_context ~ U{min_pts..max_ctx_pts}` and `n_target ~
+    U{n_context..max_tgt_pts}`; with `predict_full_target`, `n_target =
+    total_tgt_pts`; in `eval` with `predict_full_target_during_eval`,
+    `n_target = total_tgt_pts - n_context`.
 
     Args:
         min_pts: the fewest context points.
-        max_ctx_pts: the most context points (``>= min_pts``).
-        max_tgt_pts: the most target points (``> max_ctx_pts``).
+        max_ctx_pts: the most context points (`>= min_pts`).
+        max_tgt_pts: the most target points (`> max_ctx_pts`).
         total_tgt_pts: the number of points of a full task (needed by the two
-            ``predict_full_target`` options).
-        eval: evaluation mode (see ``predict_full_target_during_eval``).
-        predict_full_target: always ask for ``total_tgt_pts`` targets.
+            `predict_full_target` options).
+        eval: evaluation mode (see `predict_full_target_during_eval`).
+        predict_full_target: always ask for `total_tgt_pts` targets.
         predict_full_target_during_eval: in eval, ask for the points the
-            context leaves: ``total_tgt_pts - n_context``.
+            context leaves: `total_tgt_pts - n_context`.
 
     Raises:
         ValueError: the sizes break the rules above (0.9.1 asserted them).
@@ -127,14 +129,14 @@ class TaskSet(abc.ABC, torch.utils.data.Dataset):
         self.predict_full_target_during_eval = predict_full_target_during_eval
 
     def sizes(self, rng: np.random.Generator) -> tuple[int, int]:
-        """Draw one batch's ``(n_context, n_target)`` with 0.9.1's rules.
+        """Draw one batch's `(n_context, n_target)` with 0.9.1's rules.
 
-        The options are read when the batch is drawn, so ``taskset.eval = True``
+        The options are read when the batch is drawn, so `taskset.eval = True`
         set after construction (0.9.1 code does) takes effect for later batches.
 
         Raises:
             ValueError: the options as they are now ask for no target point, or for
-                ``total_tgt_pts`` that was never given.
+                `total_tgt_pts` that was never given.
         """
         n_context = int(rng.integers(self.min_pts, self.max_ctx_pts, endpoint=True))
         full = self.predict_full_target or (self.eval and self.predict_full_target_during_eval)
@@ -156,12 +158,12 @@ class TaskSet(abc.ABC, torch.utils.data.Dataset):
         return n_context, n_target
 
     def __getitem__(self, spec):
-        """The :class:`~metabatch.loader.Tasks` of a batch spec: what a ``TaskLoader`` worker builds.
+        """The [`Tasks`][metabatch.loader.Tasks] of a batch spec: what a `TaskLoader` worker builds.
 
-        ``__gettask__(idx, n_context, n_target)`` is called for every index of the
+        `__gettask__(idx, n_context, n_target)` is called for every index of the
         spec, in order, after the global generators are seeded from the spec's key
-        (restored afterwards in the main process); a ``__gettask__`` that takes a
-        ``key`` gets each task's own key instead and nothing global is touched.
+        (restored afterwards in the main process); a `__gettask__` that takes a
+        `key` gets each task's own key instead and nothing global is touched.
         """
         if not isinstance(spec, BatchSpec):
             raise TypeError(f"{type(self).__name__}[{spec!r:.60}]: a TaskSet is indexed by the batch specs of "
@@ -171,7 +173,7 @@ class TaskSet(abc.ABC, torch.utils.data.Dataset):
 
     @abc.abstractmethod
     def __gettask__(self, index, n_context, n_target):
-        """Build task ``index`` with ``n_context`` context and ``n_target`` target points."""
+        """Build task `index` with `n_context` context and `n_target` target points."""
         raise NotImplementedError
 
 
@@ -187,7 +189,7 @@ def _takes_key(taskset: TaskSet) -> bool:
 
 
 def _legacy_seed(key) -> int:
-    """The 32-bit seed of the global generators for the batch of ``key``."""
+    """The 32-bit seed of the global generators for the batch of `key`."""
     hi, lo = _random.key_data(key)
     return (hi ^ lo) & 0xFFFFFFFF
 
@@ -234,7 +236,7 @@ def _build(taskset: TaskSet, spec: BatchSpec) -> Tasks:
 
 
 class _LegacySpecs:
-    """0.9.1's batch sampling as a stream of BatchSpec; iteration ``e`` is epoch ``e``."""
+    """0.9.1's batch sampling as a stream of BatchSpec; iteration `e` is epoch `e`."""
 
     def __init__(self, dataset: TaskSet, batch_size: int, shuffle: bool, n_batches, drop_last: bool,
                  seed: int):
@@ -271,30 +273,30 @@ class _LegacySpecs:
 
 
 class TaskLoader(TaskDataLoader):
-    """The 0.9.1 ``TaskLoader``, same signature and defaults, on [metabatch.TaskDataLoader][].
+    """The 0.9.1 `TaskLoader`, same signature and defaults, on [metabatch.TaskDataLoader][].
 
-    Batches of ``batch_size`` tasks share one ``(n_context, n_target)``. With
-    ``n_batches``, each iteration draws that many batches *with replacement*
+    Batches of `batch_size` tasks share one `(n_context, n_target)`. With
+    `n_batches`, each iteration draws that many batches *with replacement*
     (duplicates inside a batch are allowed); otherwise an iteration is one
-    epoch over the dataset (``shuffle`` for a fresh order each epoch).
-    ``loader.dataset`` is your ``TaskSet``; without persistent workers (the
+    epoch over the dataset (`shuffle` for a fresh order each epoch).
+    `loader.dataset` is your `TaskSet`; without persistent workers (the
     default, as in 0.9.1) each epoch's workers get it afresh, so a change made
     between epochs (a curriculum level) reaches them.
 
-    Differences from 0.9.1: it also works with ``num_workers=0``; ``workers=``
-    is accepted as an alias of ``num_workers`` (0.9.1's README used it); and
-    ``seed`` fixes the whole stream, for any worker count. Without ``seed``, one
-    is drawn from the global ``numpy.random`` and ``torch`` generators and kept
-    in ``loader.seed``: a script that seeds them gets the same stream on every
-    run. A user ``collate_fn`` receives the list of task outputs, as in 0.9.1;
+    Differences from 0.9.1: it also works with `num_workers=0`; `workers=`
+    is accepted as an alias of `num_workers` (0.9.1's README used it); and
+    `seed` fixes the whole stream, for any worker count. Without `seed`, one
+    is drawn from the global `numpy.random` and `torch` generators and kept
+    in `loader.seed`: a script that seeds them gets the same stream on every
+    run. A user `collate_fn` receives the list of task outputs, as in 0.9.1;
     without one the tasks are stacked into one pytree of tensors (leaves that
     are not numbers or numeric arrays, such as strings, collate as
-    ``torch.utils.data.default_collate`` does).
+    `torch.utils.data.default_collate` does).
 
     Raises:
-        TypeError: ``dataset`` is not a ``TaskSet``; an int argument is not an int.
-        ValueError: ``n_batches`` without ``shuffle`` (as in 0.9.1), a
-            non-positive ``batch_size`` or ``n_batches``, or an empty dataset.
+        TypeError: `dataset` is not a `TaskSet`; an int argument is not an int.
+        ValueError: `n_batches` without `shuffle` (as in 0.9.1), a
+            non-positive `batch_size` or `n_batches`, or an empty dataset.
 
     Examples:
         >>> import numpy as np

@@ -1,23 +1,23 @@
-"""Data-parallel meta-training on ``torch.distributed``: which share to load, and the averaged meta-gradient.
+"""Data-parallel meta-training on `torch.distributed`: which share to load, and the averaged meta-gradient.
 
-Launch one process per device with ``torchrun`` and initialise the process
-group as usual (``torch.distributed.init_process_group``); then
+Launch one process per device with `torchrun` and initialise the process
+group as usual (`torch.distributed.init_process_group`); then
 
-* :func:`shard` gives ``rank=`` / ``world_size=`` for :func:`metabatch.batch_specs`,
+* [`shard`][metabatch.distributed.shard] gives `rank=` / `world_size=` for [metabatch.batch_specs][],
   so that every rank loads only its contiguous share of each global batch
-  (``mb.batch_specs(..., **mb.distributed.shard())``);
-* :func:`all_reduce_grads` averages the ``.grad`` of the outer parameters over
-  the ranks after ``loss.backward()``, and :func:`pmean` averages any pytree of
-  tensors (a ``torch.func.grad`` result, a :func:`metabatch.maml.reptile_grad`,
+  (`mb.batch_specs(..., **mb.distributed.shard())`);
+* [`all_reduce_grads`][metabatch.distributed.all_reduce_grads] averages the `.grad` of the outer
+  parameters over the ranks after `loss.backward()`, and [`pmean`][metabatch.distributed.pmean] averages any
+  pytree of tensors (a `torch.func.grad` result, a [metabatch.maml.reptile_grad][],
   a loss to log).
 
-:func:`metabatch.maml.meta_loss` is the *mean* over a rank's tasks, and every
-rank holds ``batch_size // world_size`` of them, so the mean of the per-rank
+[metabatch.maml.meta_loss][] is the *mean* over a rank's tasks, and every
+rank holds `batch_size // world_size` of them, so the mean of the per-rank
 meta-gradients is the meta-gradient of the whole global batch: every rank
 takes the same optimizer step as one process holding the whole batch would.
 Without an initialised process group every function here acts as a single
-process (rank 0 of 1): the same script runs with ``python`` and ``torchrun``.
-The recipe, multi-node launches and GPUs: ``docs/distributed.md``.
+process (rank 0 of 1): the same script runs with `python` and `torchrun`.
+The recipe, multi-node launches and GPUs: `docs/distributed.md`.
 
 Examples:
     >>> import metabatch as mb
@@ -46,21 +46,21 @@ def _initialized() -> bool:
 
 
 def rank_and_world_size(group: Any = None) -> tuple[int, int]:
-    """This process's rank and the number of ranks, from the process group; ``(0, 1)`` without one.
+    """This process's rank and the number of ranks, from the process group; `(0, 1)` without one.
 
     Args:
-        group: a ``torch.distributed`` process group; ``None`` for the default
+        group: a `torch.distributed` process group; `None` for the default
             (world) group.
 
     Returns:
-        ``(rank, world_size)`` within ``group``, or ``(0, 1)`` when no process
-        group is initialised (or ``torch.distributed`` is not built in).
+        `(rank, world_size)` within `group`, or `(0, 1)` when no process
+        group is initialised (or `torch.distributed` is not built in).
 
     Raises:
-        ValueError: a launcher announced several ranks (the ``WORLD_SIZE``
-            environment variable that ``torchrun`` sets is above 1) but no process
+        ValueError: a launcher announced several ranks (the `WORLD_SIZE`
+            environment variable that `torchrun` sets is above 1) but no process
             group is initialised yet (every rank would take the whole batch:
-            call ``torch.distributed.init_process_group()`` first); ``group`` is
+            call `torch.distributed.init_process_group()` first); `group` is
             given without a process group, or this process is not a member of it.
 
     Examples:
@@ -90,23 +90,23 @@ def rank_and_world_size(group: Any = None) -> tuple[int, int]:
 
 
 def shard(group: Any = None) -> dict[str, int]:
-    """``{"rank": r, "world_size": w}`` of the process group, to splat into :func:`metabatch.batch_specs`.
+    """`{"rank": r, "world_size": w}` of the process group, to splat into [metabatch.batch_specs][].
 
-    ``mb.batch_specs(..., **mb.distributed.shard())`` gives this rank the
-    ``rank``-th contiguous chunk of every global batch (task keys stay those of
+    `mb.batch_specs(..., **mb.distributed.shard())` gives this rank the
+    `rank`-th contiguous chunk of every global batch (task keys stay those of
     the global batch), so the ranks' shares together are exactly the batch one
-    process would load. ``batch_size`` is the global batch and must be
+    process would load. `batch_size` is the global batch and must be
     divisible by the world size.
 
     Args:
-        group: a process group; ``None`` for the default group.
+        group: a process group; `None` for the default group.
 
     Returns:
-        A dict with the keys ``rank`` and ``world_size``; ``{"rank": 0,
-        "world_size": 1}`` without a process group.
+        A dict with the keys `rank` and `world_size`, this process's rank and
+        the number of ranks (rank 0 of 1 without a process group).
 
     Raises:
-        ValueError: as :func:`rank_and_world_size`.
+        ValueError: as [`rank_and_world_size`][metabatch.distributed.rank_and_world_size].
 
     Examples:
         >>> import metabatch as mb
@@ -189,10 +189,10 @@ def _check_agreement(names: list, leaves: list, group, world_size: int, fn: str)
 
 
 def _mean_over_ranks(tensors: list, group, world_size: int) -> list:
-    """Average ``tensors`` over the ranks: one all-reduce per (device, dtype), then ``/ world_size``.
+    """Average `tensors` over the ranks: one all-reduce per (device, dtype), then `/ world_size`.
 
-    The sums are taken in the tensors' own dtype (``ReduceOp.SUM``, which every
-    backend has; gloo lacks ``AVG``). The results are fresh tensors, views of
+    The sums are taken in the tensors' own dtype (`ReduceOp.SUM`, which every
+    backend has; gloo lacks `AVG`). The results are fresh tensors, views of
     one flat buffer per (device, dtype); the inputs are left unchanged.
     """
     buckets: dict = {}
@@ -212,24 +212,25 @@ def _mean_over_ranks(tensors: list, group, world_size: int) -> list:
 def pmean(tree: Any, *, group: Any = None) -> Any:
     """The mean over the ranks of a pytree of tensors (a collective: every rank must call it).
 
-    Use it for meta-gradients that are values rather than ``.grad``
-    attributes (``torch.func.grad`` of :func:`metabatch.maml.meta_loss`,
-    :func:`metabatch.maml.reptile_grad`) and for losses or metrics to log.
+    Use it for meta-gradients that are values rather than `.grad`
+    attributes (`torch.func.grad` of [metabatch.maml.meta_loss][],
+    [metabatch.maml.reptile_grad][]) and for losses or metrics to log.
     Every rank must pass a tree of the same structure, shapes and dtypes.
 
     Args:
         tree: a pytree of floating-point (or complex) dense tensors; not modified.
-        group: a process group; ``None`` for the default group.
+        group: a process group; `None` for the default group.
 
     Returns:
-        A pytree like ``tree`` of detached tensors, the same on every rank. With
-        one rank (or no process group) its leaves are ``tree``'s leaves,
+        A pytree like `tree` of detached tensors, the same on every rank. With
+        one rank (or no process group) its leaves are `tree`'s leaves,
         detached.
 
     Raises:
         TypeError: a leaf is not a floating-point or complex dense tensor.
-        ValueError: as :func:`rank_and_world_size`; or the ranks disagree on the tree's
-            leaves (names, shapes, dtypes, order): raised on every rank, naming the first
+        ValueError: as [`rank_and_world_size`][metabatch.distributed.rank_and_world_size]; or the
+            ranks disagree on the tree's leaves (names, shapes, dtypes, order): raised on every
+            rank, naming the first
             leaf that differs (one small all-gather per call checks it).
 
     Examples:
@@ -249,36 +250,37 @@ def pmean(tree: Any, *, group: Any = None) -> Any:
 
 
 def all_reduce_grads(params: Any, *, group: Any = None) -> None:
-    """Average the ``.grad`` of ``params`` over the ranks, in place (call it between ``backward`` and ``step``).
+    """Average the `.grad` of `params` over the ranks, in place (call it between `backward` and `step`).
 
-    After ``loss.backward()`` each rank holds the meta-gradient of its share of
-    the global batch; after ``all_reduce_grads(params)`` every rank holds the
+    After `loss.backward()` each rank holds the meta-gradient of its share of
+    the global batch; after `all_reduce_grads(params)` every rank holds the
     mean over the ranks, which for equal shares and a mean-over-tasks loss
-    (:func:`metabatch.maml.meta_loss`) is the meta-gradient of the whole global
+    ([metabatch.maml.meta_loss][]) is the meta-gradient of the whole global
     batch. Every rank must call it with the same parameters in the same order.
 
-    A parameter whose ``.grad`` is ``None`` on some ranks but not on others
+    A parameter whose `.grad` is `None` on some ranks but not on others
     counts as a zero gradient there (its loss did not depend on it); one whose
-    ``.grad`` is ``None`` on every rank keeps ``None``, so the optimizer skips
+    `.grad` is `None` on every rank keeps `None`, so the optimizer skips
     it as it would in one process. This costs one small extra all-reduce of
     per-parameter flags, and one all-gather of a 16-byte digest of the
     parameters' names, shapes and dtypes that checks that the ranks agree; the
     gradients themselves travel in one all-reduce per (device, dtype).
 
     Args:
-        params: the outer parameters: a pytree of tensors (``metabatch.nn.params(model)``,
-            ``(params, rates)`` for Meta-SGD), a list of tensors, or an
-            ``nn.Module`` (its ``parameters()``).
-        group: a process group; ``None`` for the default group.
+        params: the outer parameters: a pytree of tensors (`metabatch.nn.params(model)`,
+            `(params, rates)` for Meta-SGD), a list of tensors, or an
+            `nn.Module` (its `parameters()`).
+        group: a process group; `None` for the default group.
 
     Returns:
-        ``None``; the gradients are updated in place (an existing ``.grad``
+        `None`; the gradients are updated in place (an existing `.grad`
         tensor is overwritten, not replaced).
 
     Raises:
         TypeError: a parameter or gradient is not a floating-point (or complex) dense tensor.
-        ValueError: as :func:`rank_and_world_size`; or the ranks disagree on the parameters
-            (names, shapes, dtypes, order): raised on every rank, naming the first one that
+        ValueError: as [`rank_and_world_size`][metabatch.distributed.rank_and_world_size]; or the
+            ranks disagree on the parameters (names, shapes, dtypes, order): raised on every
+            rank, naming the first one that
             differs, instead of a crash, a hang until the process group's timeout, or a
             silently wrong mean (one small all-gather per call checks it).
 

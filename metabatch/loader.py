@@ -1,22 +1,22 @@
 """The parallel task loader: workers build whole, uniform batches of tasks.
 
-:func:`task_loader` returns a :class:`TaskDataLoader`, a
-``torch.utils.data.DataLoader`` whose sampler is a stream of
+[`task_loader`][metabatch.task_loader] returns a [`TaskDataLoader`][metabatch.TaskDataLoader], a
+`torch.utils.data.DataLoader` whose sampler is a stream of
 [BatchSpec][metabatch.BatchSpec] values. For each spec, a worker
 
-1. asks its dataset for the spec's tasks — for :func:`task_loader`, task ``j``
-   is ``sample_task(fold_in(spec.key, spec.offset + j), spec.indices[j],
-   spec.n_ctx, spec.n_tgt)`` — and gets a :class:`Tasks` (the spec and the list
+1. asks its dataset for the spec's tasks — for [`task_loader`][metabatch.task_loader], task `j`
+   is `sample_task(fold_in(spec.key, spec.offset + j), spec.indices[j],
+   spec.n_ctx, spec.n_tgt)` — and gets a [`Tasks`][metabatch.loader.Tasks] (the spec and the list
    of task outputs);
 2. stacks the outputs into one pytree whose leaves carry a leading task
-   dimension, written straight into one buffer (``_stack``), and sends that
-   buffer to the main process as one message (``_transport``, which tells the
+   dimension, written straight into one buffer (`_stack`), and sends that
+   buffer to the main process as one message (`_transport`, which tells the
    whole journey);
 3. the main process turns the buffer back into the pytree of tensors
    (zero-copy views) and yields it.
 
-Any map-style dataset whose ``dataset[spec]`` returns a :class:`Tasks` can
-feed a :class:`TaskDataLoader`; the 0.9.1 compatibility layer's ``TaskSet``
+Any map-style dataset whose `dataset[spec]` returns a [`Tasks`][metabatch.loader.Tasks] can
+feed a [`TaskDataLoader`][metabatch.TaskDataLoader]; the 0.9.1 compatibility layer's `TaskSet`
 is one.
 """
 
@@ -46,7 +46,7 @@ class Tasks(NamedTuple):
 
     Attributes:
         spec: the [BatchSpec][metabatch.BatchSpec] they were built for.
-        outputs: one pytree per task of ``spec.indices``, in order.
+        outputs: one pytree per task of `spec.indices`, in order.
     """
 
     spec: BatchSpec
@@ -54,10 +54,10 @@ class Tasks(NamedTuple):
 
 
 def check_spec(spec: Any) -> BatchSpec:
-    """``spec`` if it is a non-empty [BatchSpec][metabatch.BatchSpec], else a clear error.
+    """`spec` if it is a non-empty [BatchSpec][metabatch.BatchSpec], else a clear error.
 
     Raises:
-        TypeError: ``spec`` is not a ``BatchSpec``.
+        TypeError: `spec` is not a `BatchSpec`.
         ValueError: it holds no task index.
 
     Examples:
@@ -100,7 +100,7 @@ def stack(outputs: list) -> Any:
         outputs: a non-empty list of pytrees of tensors, arrays or numbers.
 
     Returns:
-        One pytree of tensors with leading dimension ``len(outputs)``.
+        One pytree of tensors with leading dimension `len(outputs)`.
 
     Raises:
         ValueError: two outputs differ in structure, shape or dtype; the message
@@ -120,8 +120,8 @@ def stack(outputs: list) -> Any:
 def build_batch(sample_task: Callable, spec: BatchSpec) -> Any:
     """Build and stack the tasks of one spec in this process (what a worker does).
 
-    Task ``j`` is ``sample_task(fold_in(spec.key, spec.offset + j), spec.indices[j],
-    spec.n_ctx, spec.n_tgt)``.
+    Task `j` is `sample_task(fold_in(spec.key, spec.offset + j), spec.indices[j],
+    spec.n_ctx, spec.n_tgt)`.
 
     Examples:
         >>> import numpy as np, metabatch as mb
@@ -138,7 +138,7 @@ def build_batch(sample_task: Callable, spec: BatchSpec) -> Any:
 
 
 class _SampleTasks(torch.utils.data.Dataset):
-    """The dataset of :func:`task_loader`: ``dataset[spec]`` calls ``sample_task`` for each task."""
+    """The dataset of `task_loader`: `dataset[spec]` calls `sample_task` for each task."""
 
     def __init__(self, sample_task: Callable):
         self.sample_task = sample_task
@@ -148,7 +148,7 @@ class _SampleTasks(torch.utils.data.Dataset):
 
 
 class _Collate:
-    """The loader's collate step: a spec's :class:`Tasks` -> the batch (packed for transport in a worker)."""
+    """The loader's collate step: a spec's `Tasks` -> the batch (packed for transport in a worker)."""
 
     def __init__(self, collate_fn: Callable | None = None, fallback: Callable | None = None):
         self.collate_fn, self.fallback = collate_fn, fallback
@@ -260,7 +260,7 @@ def _spec_text(spec) -> str:
 
 
 def _first_int(raw: bytes):
-    """The first int of a pickle, read without unpickling: the send index of DataLoader's ``(idx, data)``."""
+    """The first int of a pickle, read without unpickling: the send index of DataLoader's `(idx, data)`."""
     for op, arg, _ in pickletools.genops(raw):
         if op.name in ("BININT", "BININT1", "BININT2", "LONG1", "INT"):
             return arg
@@ -297,9 +297,9 @@ def _arrived(iterator) -> set:
 def _worker_fault(iterator, err: RuntimeError) -> RuntimeError | None:
     """DataLoader's error for a dead or silent worker, said with the batch that worker was building.
 
-    ``None`` when ``err`` is something else (a task's own RuntimeError) or the
-    iterator lacks what is needed (DataLoader internals: ``_task_info`` maps a
-    send index to ``(worker_id,)`` while its batch is outstanding).
+    `None` when `err` is something else (a task's own RuntimeError) or the
+    iterator lacks what is needed (DataLoader internals: `_task_info` maps a
+    send index to `(worker_id,)` while its batch is outstanding).
     """
     text = str(err)
     died = "exited unexpectedly" in text or "killed by signal" in text
@@ -339,33 +339,33 @@ def _worker_fault(iterator, err: RuntimeError) -> RuntimeError | None:
 class TaskDataLoader(torch.utils.data.DataLoader):
     """A DataLoader over batch specs whose workers build, stack and ship whole batches of tasks.
 
-    :func:`task_loader` makes one from a ``sample_task`` function. Build one
-    yourself to feed batches from any map-style dataset whose ``dataset[spec]``
-    returns the :class:`Tasks` of a [BatchSpec][metabatch.BatchSpec]: workers
+    [`task_loader`][metabatch.task_loader] makes one from a `sample_task` function. Build one
+    yourself to feed batches from any map-style dataset whose `dataset[spec]`
+    returns the [`Tasks`][metabatch.loader.Tasks] of a [BatchSpec][metabatch.BatchSpec]: workers
     stack those outputs into one buffer, and iteration yields the batch pytree
-    of tensors (zero-copy views of that buffer). ``loader.specs`` is the spec
-    stream; ``loader.sample_task`` the task function (for :func:`task_loader`).
+    of tensors (zero-copy views of that buffer). `loader.specs` is the spec
+    stream; `loader.sample_task` the task function (for [`task_loader`][metabatch.task_loader]).
 
     Args:
-        dataset: ``dataset[spec] -> Tasks``.
+        dataset: `dataset[spec] -> Tasks`.
         specs: the batch-spec stream, usually [metabatch.batch_specs][].
         num_workers: worker processes; 0 builds batches in the calling process.
-        collate_fn: optional ``collate_fn(list_of_task_outputs) -> batch``, run in
+        collate_fn: optional `collate_fn(list_of_task_outputs) -> batch`, run in
             the worker instead of the built-in stacking.
-        fallback_collate: optional ``fallback_collate(list_of_task_outputs) -> batch``
+        fallback_collate: optional `fallback_collate(list_of_task_outputs) -> batch`
             for batches whose outputs hold leaves the built-in stacking refuses
-            (strings, arbitrary objects), e.g. ``torch.utils.data.default_collate``,
-            which turns them into lists. ``None``: such a batch is a ``TypeError``
+            (strings, arbitrary objects), e.g. `torch.utils.data.default_collate`,
+            which turns them into lists. `None`: such a batch is a `TypeError`
             that names the leaf.
-        **dataloader_options: passed to ``torch.utils.data.DataLoader``.
+        **dataloader_options: passed to `torch.utils.data.DataLoader`.
 
     Raises:
-        TypeError: a batch option (``batch_size``, ``shuffle``, ``sampler``...)
-            was passed; ``dataset`` or ``collate_fn`` cannot be pickled for
-            ``spawn``/``forkserver`` workers.
-        ValueError: ``num_workers < 0``; ``timeout > 0`` with ``num_workers=0``.
+        TypeError: a batch option (`batch_size`, `shuffle`, `sampler`...)
+            was passed; `dataset` or `collate_fn` cannot be pickled for
+            `spawn`/`forkserver` workers.
+        ValueError: `num_workers < 0`; `timeout > 0` with `num_workers=0`.
         RuntimeError: (while iterating) a worker died or sent nothing for
-            ``timeout`` seconds; the message names the step, task indices and
+            `timeout` seconds; the message names the step, task indices and
             key of the batch it was building, torch's message is the cause.
 
     Examples:
@@ -451,7 +451,7 @@ class TaskDataLoader(torch.utils.data.DataLoader):
 
     @property
     def sample_task(self):
-        """The task function of a :func:`task_loader` (``None`` for other datasets)."""
+        """The task function of a [`task_loader`][metabatch.task_loader] (`None` for other datasets)."""
         return getattr(self.dataset, "sample_task", None)
 
 
@@ -460,28 +460,28 @@ def task_loader(sample_task: Callable, specs: Iterable[BatchSpec], *, num_worker
     """A DataLoader whose workers build whole, stacked batches of tasks.
 
     Args:
-        sample_task: ``sample_task(key, idx, n_ctx, n_tgt) -> pytree`` of tensors,
-            numpy arrays or numbers. It must take all randomness from ``key``
-            (e.g. [metabatch.random.numpy_rng][]) and, for ``spawn`` /
-            ``forkserver`` workers, be picklable: a module-level function or a
-            ``functools.partial`` of one.
+        sample_task: `sample_task(key, idx, n_ctx, n_tgt) -> pytree` of tensors,
+            numpy arrays or numbers. It must take all randomness from `key`
+            (e.g. [metabatch.random.numpy_rng][]) and, for `spawn` /
+            `forkserver` workers, be picklable: a module-level function or a
+            `functools.partial` of one.
         specs: the batch-spec stream, usually [metabatch.batch_specs][].
         num_workers: worker processes; 0 builds batches in the calling process.
             The stream is identical for every value.
-        collate_fn: optional ``collate_fn(list_of_task_outputs) -> batch``, run
+        collate_fn: optional `collate_fn(list_of_task_outputs) -> batch`, run
             in the worker instead of the built-in stacking (as in metabatch 0.9.1).
-        **dataloader_options: passed to ``torch.utils.data.DataLoader``:
-            ``multiprocessing_context``, ``timeout``, ``pin_memory``,
-            ``prefetch_factor``, ``persistent_workers``, ``worker_init_fn``...
+        **dataloader_options: passed to `torch.utils.data.DataLoader`:
+            `multiprocessing_context`, `timeout`, `pin_memory`,
+            `prefetch_factor`, `persistent_workers`, `worker_init_fn`...
 
     Returns:
         A [TaskDataLoader][metabatch.TaskDataLoader] yielding one pytree per spec,
-        every leaf a tensor with leading dimension ``len(spec.indices)``.
+        every leaf a tensor with leading dimension `len(spec.indices)`.
 
     Raises:
-        TypeError: ``sample_task`` is not callable, or cannot be pickled for a
-            ``spawn``/``forkserver`` worker; a batch option was passed.
-        ValueError: ``num_workers < 0``; ``timeout > 0`` with ``num_workers=0``.
+        TypeError: `sample_task` is not callable, or cannot be pickled for a
+            `spawn`/`forkserver` worker; a batch option was passed.
+        ValueError: `num_workers < 0`; `timeout > 0` with `num_workers=0`.
 
     Examples:
         >>> import metabatch as mb

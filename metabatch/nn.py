@@ -1,13 +1,13 @@
-"""The bridge from ``nn.Module`` to pure functions.
+"""The bridge from `nn.Module` to pure functions.
 
-:func:`params` and :func:`objective` turn a module into the ``(params, data)``
-functions that :mod:`metabatch.maml` consumes: parameters are an explicit
+[`params`][metabatch.nn.params] and [`objective`][metabatch.nn.objective] turn a module into the
+`(params, data)` functions that `metabatch.maml` consumes: parameters are an explicit
 argument, buffers are read from the module (and copied, so that no call ever
-mutates them), and the module runs through ``torch.func.functional_call``.
-Any ``torch.optim`` optimizer then takes the outer step on ``module.parameters()``.
+mutates them), and the module runs through `torch.func.functional_call`.
+Any `torch.optim` optimizer then takes the outer step on `module.parameters()`.
 
 The exact task-batching rules for norms, convolutions and pooling live in
-:mod:`metabatch.batching`; ``metabatch.nn.batching_rules`` is the same function.
+`metabatch.batching`; `metabatch.nn.batching_rules` is the same function.
 
 Example:
     >>> import torch, metabatch as mb
@@ -41,21 +41,21 @@ def _check_module(module, fn: str) -> None:
 
 
 def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters of ``module`` as a ``{name: parameter}`` dict.
+    """The trainable parameters of `module` as a `{name: parameter}` dict.
 
-    The values are the module's own ``nn.Parameter`` objects, so a loss built
-    from them back-propagates into ``module.parameters()`` and any
-    ``torch.optim`` optimizer can take the step. Parameters with
-    ``requires_grad=False`` are left out (they are read from the module).
+    The values are the module's own `nn.Parameter` objects, so a loss built
+    from them back-propagates into `module.parameters()` and any
+    `torch.optim` optimizer can take the step. Parameters with
+    `requires_grad=False` are left out (they are read from the module).
 
     Args:
-        module: any ``torch.nn.Module``.
+        module: any `torch.nn.Module`.
 
     Returns:
-        A dict in ``named_parameters()`` order.
+        A dict in `named_parameters()` order.
 
     Raises:
-        TypeError: if ``module`` is not an ``nn.Module``.
+        TypeError: if `module` is not an `nn.Module`.
 
     Examples:
         >>> import torch, metabatch as mb
@@ -67,24 +67,24 @@ def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def functional(module: torch.nn.Module) -> Callable[..., Any]:
-    """``module`` as a pure function ``apply(params, *args, **kwargs)``.
+    """`module` as a pure function `apply(params, *args, **kwargs)`.
 
-    ``params`` is a dict from parameter names to tensors (as returned by
-    :func:`params`, or adapted versions of it). Parameters missing from it
+    `params` is a dict from parameter names to tensors (as returned by
+    [`params`][metabatch.nn.params], or adapted versions of it). Parameters missing from it
     (frozen ones) and buffers are read from the module at call time; buffers
     are copied first, so that batch norm's running statistics and counters are
     never changed by the call. The call goes through
-    ``torch.func.functional_call(..., strict=True)``.
+    `torch.func.functional_call(..., strict=True)`.
 
     Args:
-        module: any ``torch.nn.Module``.
+        module: any `torch.nn.Module`.
 
     Returns:
-        ``apply(params, *args, **kwargs)`` returning what ``module(*args, **kwargs)`` returns.
+        `apply(params, *args, **kwargs)` returning what `module(*args, **kwargs)` returns.
 
     Raises:
-        TypeError: if ``module`` is not an ``nn.Module``.
-        ValueError: (when called) if ``params`` names a tensor the module does not have.
+        TypeError: if `module` is not an `nn.Module`.
+        ValueError: (when called) if `params` names a tensor the module does not have.
 
     Examples:
         >>> import torch, metabatch as mb
@@ -114,22 +114,22 @@ def functional(module: torch.nn.Module) -> Callable[..., Any]:
 
 
 def objective(module: torch.nn.Module, fn: Callable[[Any, Any], torch.Tensor]) -> Callable:
-    """A per-task function ``f(params, data) = fn(module(params; inputs), targets)``.
+    """A per-task function `f(params, data) = fn(module(params; inputs), targets)`.
 
-    ``data`` is a tuple ``(inputs, targets)`` (more items are passed as extra
-    positional inputs: ``(x1, x2, ..., targets)``). Use it for the loss given
-    to :func:`metabatch.maml.meta_loss` and for metrics such as :func:`accuracy`.
+    `data` is a tuple `(inputs, targets)` (more items are passed as extra
+    positional inputs: `(x1, x2, ..., targets)`). Use it for the loss given
+    to [metabatch.maml.meta_loss][] and for metrics such as [`accuracy`][metabatch.nn.accuracy].
 
     Args:
         module: the model.
-        fn: ``fn(outputs, targets) -> scalar tensor``, e.g. ``F.cross_entropy``.
+        fn: `fn(outputs, targets) -> scalar tensor`, e.g. `F.cross_entropy`.
 
     Returns:
-        ``f(params, data) -> scalar tensor``.
+        `f(params, data) -> scalar tensor`.
 
     Raises:
-        TypeError: if ``module`` is not an ``nn.Module`` or ``fn`` is not callable;
-            (when called) if ``data`` is not a tuple or list of at least two items.
+        TypeError: if `module` is not an `nn.Module` or `fn` is not callable;
+            (when called) if `data` is not a tuple or list of at least two items.
 
     Examples:
         >>> import torch, metabatch as mb
@@ -155,7 +155,7 @@ def objective(module: torch.nn.Module, fn: Callable[[Any, Any], torch.Tensor]) -
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows whose arg-max over the last dimension equals ``targets``.
+    """Fraction of rows whose arg-max over the last dimension equals `targets`.
 
     Examples:
         >>> import torch, metabatch as mb

@@ -1,14 +1,15 @@
 """Explicit, splittable random keys.
 
-A :class:`Key` is a small immutable value. Every random decision in metabatch
-flows from one: derive new keys with :func:`split` and :func:`fold_in`, and
-turn a key into numbers with :func:`numpy_rng` or :func:`torch_generator`.
+A [`Key`][metabatch.random.Key] is a small immutable value. Every random decision in metabatch
+flows from one: derive new keys with [`split`][metabatch.random.split] and
+[`fold_in`][metabatch.random.fold_in], and turn a key into numbers with
+[`numpy_rng`][metabatch.random.numpy_rng] or [`torch_generator`][metabatch.random.torch_generator].
 The same key gives the same numbers on every machine, in every process and
 for any number of loader workers. Nothing here touches a global RNG.
 
 Derivation is a pure-Python SplitMix64-style mix of two 64-bit words (about
-a microsecond per call), with separate domains for ``split`` and
-``fold_in`` so that ``fold_in(k, 0)`` never equals ``split(k)[0]``.
+a microsecond per call), with separate domains for `split` and
+`fold_in` so that `fold_in(k, 0)` never equals `split(k)[0]`.
 
 Examples:
     >>> import metabatch as mb
@@ -47,10 +48,10 @@ def _mix(z: int) -> int:
 class Key:
     """An opaque, immutable, hashable and picklable random key.
 
-    Make one with :func:`key`; never construct it directly. Two keys are equal
+    Make one with [`key`][metabatch.random.key]; never construct it directly. Two keys are equal
     when they hold the same 128 bits. The repr shows those bits in hex so that
     a key printed in an error message can be rebuilt with
-    :func:`key_from_data`, the inverse of :func:`key_data`.
+    [`key_from_data`][metabatch.random.key_from_data], the inverse of [`key_data`][metabatch.random.key_data].
 
     Examples:
         >>> import pickle, metabatch as mb
@@ -108,14 +109,14 @@ def key(seed: int) -> Key:
     """Make a key from an integer seed.
 
     Args:
-        seed: an int in ``[0, 2**64)`` (numpy integers are accepted).
+        seed: an int in `[0, 2**64)` (numpy integers are accepted).
 
     Returns:
-        The :class:`Key` of that seed; equal seeds give equal keys.
+        The [`Key`][metabatch.random.Key] of that seed; equal seeds give equal keys.
 
     Raises:
-        TypeError: ``seed`` is not an int.
-        ValueError: ``seed`` is negative or too large.
+        TypeError: `seed` is not an int.
+        ValueError: `seed` is negative or too large.
 
     Examples:
         >>> import metabatch as mb
@@ -127,17 +128,17 @@ def key(seed: int) -> Key:
 
 
 def fold_in(key: Key, data: int) -> Key:
-    """Derive a new key from ``key`` and an integer (a step, a task position...).
+    """Derive a new key from `key` and an integer (a step, a task position...).
 
-    ``fold_in(k, i)`` for ``i = 0, 1, 2, ...`` gives independent streams: use it
-    where the data has a natural index, and :func:`split` where it has none.
+    `fold_in(k, i)` for `i = 0, 1, 2, ...` gives independent streams: use it
+    where the data has a natural index, and [`split`][metabatch.random.split] where it has none.
 
     Args:
         key: the parent key (left unchanged: keys are immutable).
-        data: an int in ``[0, 2**64)``.
+        data: an int in `[0, 2**64)`.
 
     Returns:
-        A new :class:`Key`.
+        A new [`Key`][metabatch.random.Key].
 
     Examples:
         >>> import metabatch as mb
@@ -153,19 +154,19 @@ def fold_in(key: Key, data: int) -> Key:
 
 
 def split(key: Key, num: int = 2) -> tuple[Key, ...]:
-    """Split a key into ``num`` new, independent keys.
+    """Split a key into `num` new, independent keys.
 
-    Never reuse the parent after splitting: ``key, sub = split(key)``.
+    Never reuse the parent after splitting: `key, sub = split(key)`.
 
     Args:
         key: the parent key.
-        num: how many keys to make (``>= 1``).
+        num: how many keys to make (`>= 1`).
 
     Returns:
-        A tuple of ``num`` keys.
+        A tuple of `num` keys.
 
     Raises:
-        ValueError: ``num < 1``.
+        ValueError: `num < 1`.
 
     Examples:
         >>> import metabatch as mb
@@ -197,20 +198,20 @@ def key_data(key: Key) -> tuple[int, int]:
 
 
 def key_from_data(data: tuple[int, int]) -> Key:
-    """The key whose :func:`key_data` is ``data``: rebuild a key from a log line or a checkpoint.
+    """The key whose `key_data` is `data`: rebuild a key from a log line or a checkpoint.
 
     Error messages of the loader print a failing task's key as these two words,
     so that the task can be rerun alone.
 
     Args:
-        data: a pair ``(hi, lo)`` of ints in ``[0, 2**64)``.
+        data: a pair `(hi, lo)` of ints in `[0, 2**64)`.
 
     Returns:
-        The :class:`Key`.
+        The [`Key`][metabatch.random.Key].
 
     Raises:
-        TypeError: ``data`` is not a pair of ints.
-        ValueError: a word lies outside ``[0, 2**64)``.
+        TypeError: `data` is not a pair of ints.
+        ValueError: a word lies outside `[0, 2**64)`.
 
     Examples:
         >>> import metabatch as mb
@@ -251,11 +252,11 @@ np.random.bit_generator.ISeedSequence.register(_KeySeedSequence)
 
 
 def numpy_rng(key: Key) -> np.random.Generator:
-    """A fresh ``numpy.random.Generator`` (PCG64) seeded by ``key``.
+    """A fresh `numpy.random.Generator` (PCG64) seeded by `key`.
 
     The stream is fixed by the key and NumPy's PCG64 bit generator, which NumPy
     keeps stable across releases and platforms. PCG64's initial state is
-    hashed straight from the key's bits (no ``SeedSequence``): about 2 µs.
+    hashed straight from the key's bits (no `SeedSequence`): about 2 µs.
 
     Examples:
         >>> import metabatch as mb
@@ -270,10 +271,10 @@ def numpy_rng(key: Key) -> np.random.Generator:
 
 
 def torch_generator(key: Key, device: str | torch.device = "cpu") -> torch.Generator:
-    """A fresh ``torch.Generator`` on ``device`` seeded by ``key``.
+    """A fresh `torch.Generator` on `device` seeded by `key`.
 
-    Pass it as ``generator=`` to ``torch.rand``, ``torch.randn``,
-    ``torch.randint``, ``torch.randperm``...
+    Pass it as `generator=` to `torch.rand`, `torch.randn`,
+    `torch.randint`, `torch.randperm`...
 
     Examples:
         >>> import torch, metabatch as mb

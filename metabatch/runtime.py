@@ -3,10 +3,10 @@
 torch runs each operator on as many intra-op threads as the machine has
 cores. Next to loader workers, or on a machine shared with other work, those
 threads wait on each other: a small meta-step on 2 busy cores measured 10x
-slower with torch's default than with one thread. :func:`default_threads`
+slower with torch's default than with one thread. [`default_threads`][metabatch.runtime.default_threads]
 gives the count that does not oversubscribe the cores this process may use —
-the cores minus the loader workers, at least 1 — and :func:`use_threads`
-applies it (``torch.set_num_threads``) and returns the previous count.
+the cores minus the loader workers, at least 1 — and [`use_threads`][metabatch.runtime.use_threads]
+applies it (`torch.set_num_threads`) and returns the previous count.
 
 Examples:
     >>> import metabatch as mb
@@ -29,7 +29,7 @@ __all__ = ["cpu_count", "default_threads", "use_threads"]
 
 
 def _cgroup_cpus() -> float | None:
-    """The CPU quota of this process's cgroup (v2 ``cpu.max``, v1 ``cfs_quota``), in cores, if any."""
+    """The CPU quota of this process's cgroup (v2 `cpu.max`, v1 `cfs_quota`), in cores, if any."""
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
@@ -62,20 +62,20 @@ def cpu_count() -> int:
 
 
 def default_threads(num_workers: int = 0) -> int:
-    """Intra-op threads for a training loop next to ``num_workers`` loader workers.
+    """Intra-op threads for a training loop next to `num_workers` loader workers.
 
-    ``max(1, cpu_count() - num_workers)``: each worker keeps a core busy
+    `max(1, cpu_count() - num_workers)`: each worker keeps a core busy
     building batches; the training loop takes the rest.
 
     Args:
         num_workers: the loader's worker processes (0 when batches are built in the loop).
 
     Returns:
-        A thread count ``>= 1``.
+        A thread count `>= 1`.
 
     Raises:
-        TypeError: ``num_workers`` is not an int.
-        ValueError: ``num_workers < 0``.
+        TypeError: `num_workers` is not an int.
+        ValueError: `num_workers < 0`.
 
     Examples:
         >>> import metabatch as mb
@@ -90,15 +90,16 @@ def use_threads(threads: int | None = None, *, num_workers: int = 0) -> int:
     """Set torch's intra-op threads for this process; returns the previous count.
 
     Args:
-        threads: the count; ``None`` uses :func:`default_threads` of ``num_workers``.
-        num_workers: the loader's worker processes (used when ``threads`` is ``None``).
+        threads: the count; `None` uses
+            [`default_threads`][metabatch.runtime.default_threads] of `num_workers`.
+        num_workers: the loader's worker processes (used when `threads` is `None`).
 
     Returns:
-        The previous ``torch.get_num_threads()``, to restore it later.
+        The previous `torch.get_num_threads()`, to restore it later.
 
     Raises:
-        TypeError: ``threads`` or ``num_workers`` is not an int.
-        ValueError: ``threads < 1`` or ``num_workers < 0``.
+        TypeError: `threads` or `num_workers` is not an int.
+        ValueError: `threads < 1` or `num_workers < 0`.
 
     Examples:
         >>> import torch, metabatch as mb

@@ -1,33 +1,33 @@
 """Seeded, random-access batch specs: which tasks, and of which size, at every step.
 
-``batch_specs(seed, ...)[step]`` is a pure function of ``(seed, step)``: a
-:class:`BatchSpec` holding the batch key, the task indices and the ``n_ctx`` /
-``n_tgt`` shared by every task of that batch. Because the sequence is random
+`batch_specs(seed, ...)[step]` is a pure function of `(seed, step)`: a
+[`BatchSpec`][metabatch.BatchSpec] holding the batch key, the task indices and the `n_ctx` /
+`n_tgt` shared by every task of that batch. Because the sequence is random
 access, resuming at a step, sharding over ranks and changing the loader's
 worker count never change which tasks are drawn.
 
 How the stream is derived from the seed (stable; golden tests pin it):
 
-- ``root = key(seed)``; ``k_tasks, k_sizes, k_perms = split(root, 3)``.
-- The batch key of global step ``s`` is ``fold_in(k_tasks, s)``; task ``j`` of
-  the global batch is built with ``fold_in(spec.key, j)``.
-- ``n_ctx`` then ``n_tgt`` are drawn (inclusive ranges) from
-  ``numpy_rng(fold_in(k_sizes, s))``.
-- Task indices: the stream of global positions ``0, 1, 2, ...`` is cut into
-  epochs of ``num_tasks``; epoch ``e`` is the permutation
-  ``numpy_rng(fold_in(k_perms, e)).permutation(num_tasks)`` (identity with
-  ``shuffle=False``), and step ``s`` takes positions ``s*B .. s*B+B-1``. Every
+- `root = key(seed)`; `k_tasks, k_sizes, k_perms = split(root, 3)`.
+- The batch key of global step `s` is `fold_in(k_tasks, s)`; task `j` of
+  the global batch is built with `fold_in(spec.key, j)`.
+- `n_ctx` then `n_tgt` are drawn (inclusive ranges) from
+  `numpy_rng(fold_in(k_sizes, s))`.
+- Task indices: the stream of global positions `0, 1, 2, ...` is cut into
+  epochs of `num_tasks`; epoch `e` is the permutation
+  `numpy_rng(fold_in(k_perms, e)).permutation(num_tasks)` (identity with
+  `shuffle=False`), and step `s` takes positions `s*B .. s*B+B-1`. Every
   task appears once per epoch; a batch may straddle two epochs.
-- Above ``HUGE = 2**24`` tasks an epoch's permutation is not materialised (it
-  would take ``8 * num_tasks`` bytes): position ``p`` of epoch ``e`` maps to
-  ``_feistel(fold_in(k_perms, e), num_tasks)(p)``, a keyed bijection of
-  ``range(num_tasks)`` (a 4-round Feistel network on the smallest even number
-  of bits that covers ``num_tasks``, cycle-walking back into range), computed
-  per index in O(1) memory. ``num_tasks`` may then be anything up to ``2**64``.
+- Above `HUGE = 2**24` tasks an epoch's permutation is not materialised (it
+  would take `8 * num_tasks` bytes): position `p` of epoch `e` maps to
+  `_feistel(fold_in(k_perms, e), num_tasks)(p)`, a keyed bijection of
+  `range(num_tasks)` (a 4-round Feistel network on the smallest even number
+  of bits that covers `num_tasks`, cycle-walking back into range), computed
+  per index in O(1) memory. `num_tasks` may then be anything up to `2**64`.
 
-Sizes are checked up front: ``n_ctx`` / ``n_tgt`` at most ``2**40`` points,
-``batch_size`` at most ``MAX_BATCH = 2**16`` tasks (a spec lists its task
-indices), and steps only as far as positions stay below ``2**64``.
+Sizes are checked up front: `n_ctx` / `n_tgt` at most `2**40` points,
+`batch_size` at most `MAX_BATCH = 2**16` tasks (a spec lists its task
+indices), and steps only as far as positions stay below `2**64`.
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ class BatchSpec(NamedTuple):
 
     Attributes:
         step: the global step this batch belongs to.
-        key: the batch key; task ``j`` uses ``fold_in(key, offset + j)``.
+        key: the batch key; task `j` uses `fold_in(key, offset + j)`.
         indices: the task indices of this batch (this rank's share of it).
         n_ctx: the number of context (support) points of every task.
         n_tgt: the number of target (query) points of every task.
-        offset: the position of ``indices[0]`` inside the global batch
-            (``rank * batch_size // world_size``; 0 without sharding).
+        offset: the position of `indices[0]` inside the global batch
+            (`rank * batch_size // world_size`; 0 without sharding).
     """
 
     step: int
@@ -71,7 +71,7 @@ class BatchSpec(NamedTuple):
     offset: int = 0
 
     def task_keys(self) -> tuple:
-        """The key of each task of this spec, in order of ``indices``.
+        """The key of each task of this spec, in order of `indices`.
 
         Examples:
             >>> import metabatch as mb
@@ -90,12 +90,12 @@ def _mix64(z: int) -> int:
 
 
 def _feistel(key: _random.Key, n: int):
-    """A keyed bijection of ``range(n)``, computed per index: ``perm(i)`` in O(1) memory.
+    """A keyed bijection of `range(n)`, computed per index: `perm(i)` in O(1) memory.
 
-    A balanced Feistel network on the smallest even number of bits ``2h`` with
-    ``2**(2h) >= n`` permutes ``range(2**(2h))``; cycle-walking (apply it again
-    until the value is below ``n``) restricts it to ``range(n)``, taking fewer
-    than 4 rounds of walking on average since ``2**(2h) < 4n``.
+    A balanced Feistel network on the smallest even number of bits `2h` with
+    `2**(2h) >= n` permutes `range(2**(2h))`; cycle-walking (apply it again
+    until the value is below `n`) restricts it to `range(n)`, taking fewer
+    than 4 rounds of walking on average since `2**(2h) < 4n`.
     """
     bits = max(2, (n - 1).bit_length())
     half = (bits + 1) // 2
@@ -116,10 +116,10 @@ def _feistel(key: _random.Key, n: int):
 
 
 class BatchSpecs:
-    """A lazy, random-access sequence of :class:`BatchSpec`; see :func:`batch_specs`.
+    """A lazy, random-access sequence of `BatchSpec`; see [`batch_specs`][metabatch.batch_specs].
 
-    ``specs[step]`` gives the spec of any global step (``step >= 0``), whatever
-    ``start`` is; iteration yields ``specs[start], specs[start + 1], ...``.
+    `specs[step]` gives the spec of any global step (`step >= 0`), whatever
+    `start` is; iteration yields `specs[start], specs[start + 1], ...`.
     """
 
     def __init__(self, seed, num_tasks, batch_size, n_ctx, n_tgt, *, shuffle=True,
@@ -153,7 +153,7 @@ class BatchSpecs:
 
     # -- the stream -------------------------------------------------------------------------
     def _perm(self, epoch: int):
-        """Epoch ``epoch``'s permutation: an array, or a function of the position above ``HUGE`` tasks."""
+        """Epoch `epoch`'s permutation: an array, or a function of the position above `HUGE` tasks."""
         perm = self._perm_cache.get(epoch)
         if perm is None:
             key = _random.fold_in(self._k_perms, epoch)
@@ -213,7 +213,7 @@ class BatchSpecs:
         return self.num_batches - self.start
 
     def replace(self, **changes) -> "BatchSpecs":
-        """A copy with some arguments changed, e.g. ``specs.replace(start=step)`` to resume.
+        """A copy with some arguments changed, e.g. `specs.replace(start=step)` to resume.
 
         Examples:
             >>> import metabatch as mb
@@ -240,36 +240,36 @@ class BatchSpecs:
 def batch_specs(seed: int, num_tasks: int, batch_size: int, n_ctx: SizeArg, n_tgt: SizeArg, *,
                 shuffle: bool = True, num_batches: int | None = None, start: int = 0,
                 rank: int = 0, world_size: int = 1) -> BatchSpecs:
-    """The seeded stream of batch specs that drives :func:`task_loader`.
+    """The seeded stream of batch specs that drives `task_loader`.
 
     Args:
-        seed: the seed of the whole stream (an int in ``[0, 2**64)``).
-        num_tasks: how many task indices there are (``>= 1``, up to ``2**64 - 1``);
-            each epoch visits every index once. Above ``2**24`` no permutation is
+        seed: the seed of the whole stream (an int in `[0, 2**64)`).
+        num_tasks: how many task indices there are (`>= 1`, up to `2**64 - 1`);
+            each epoch visits every index once. Above `2**24` no permutation is
             materialised: each index is computed on its own (see the module's notes).
-        batch_size: tasks per *global* batch (over all ranks), at most ``2**16``.
-        n_ctx: context points per task: an int, or an inclusive ``(low, high)``
-            range drawn once per batch; at most ``2**40``.
-        n_tgt: target points per task, like ``n_ctx``.
-        shuffle: a fresh permutation of the indices every epoch; ``False`` walks
-            ``0, 1, 2, ...`` in order.
-        num_batches: the length of the stream (steps ``0 .. num_batches-1``);
-            ``None`` for an endless stream.
-        start: the first step iteration yields; ``start=k`` resumes the stream
-            exactly where step ``k`` begins.
-        rank: this process's rank; it gets the ``rank``-th contiguous chunk of
+        batch_size: tasks per *global* batch (over all ranks), at most `2**16`.
+        n_ctx: context points per task: an int, or an inclusive `(low, high)`
+            range drawn once per batch; at most `2**40`.
+        n_tgt: target points per task, like `n_ctx`.
+        shuffle: a fresh permutation of the indices every epoch; `False` walks
+            `0, 1, 2, ...` in order.
+        num_batches: the length of the stream (steps `0 .. num_batches-1`);
+            `None` for an endless stream.
+        start: the first step iteration yields; `start=k` resumes the stream
+            exactly where step `k` begins.
+        rank: this process's rank; it gets the `rank`-th contiguous chunk of
             every global batch.
-        world_size: the number of ranks; must divide ``batch_size``.
+        world_size: the number of ranks; must divide `batch_size`.
 
     Returns:
-        A :class:`BatchSpecs`: ``specs[step]`` for random access, ``iter(specs)``
-        for the stream from ``start``.
+        A [`BatchSpecs`][metabatch.BatchSpecs]; `specs[step]` gives random access and
+        `iter(specs)` the stream from `start`.
 
     Raises:
-        ValueError: a size is negative, above its limit or empty (``n_ctx=(5, 2)``),
-            ``batch_size`` or ``num_tasks`` is not positive, ``rank >= world_size``,
-            or ``batch_size % world_size != 0``.
-        TypeError: an argument is not an int (or pair of ints; ``shuffle`` not a bool).
+        ValueError: a size is negative, above its limit or empty (`n_ctx=(5, 2)`),
+            `batch_size` or `num_tasks` is not positive, `rank >= world_size`,
+            or `batch_size % world_size != 0`.
+        TypeError: an argument is not an int (or pair of ints; `shuffle` not a bool).
 
     Examples:
         >>> import metabatch as mb
