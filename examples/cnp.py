@@ -29,6 +29,10 @@ predictor and 1.94 for the exact GP posterior. By context size: -0.32 with 3-10 
     python examples/cnp.py                         # the default run (a few minutes on 2 CPU cores)
     python examples/cnp.py --steps 100000          # longer: the paper trains for far longer still
     python examples/cnp.py --steps 5 --eval-tasks 50 --no-progress      # a smoke run
+    python examples/cnp.py --steps 20000 --resume runs/cnp/last.pt     # go on from the last checkpoint
+
+--threads defaults to the cores this process may use minus --num-workers (at least 1):
+metabatch.runtime.default_threads, 1 on a 2-core machine with the default worker.
 
 Everything is reproducible from --seed: the task stream, the model initialisation and the evaluation
 tasks come from explicit keys, and the result is the same for any --num-workers.
@@ -111,28 +115,41 @@ def gp_posterior(task, x_ctx, y_ctx, x_tgt):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=15000, help="training steps (default 15000)")
-    p.add_argument("--batch-size", type=int, default=16, help="tasks per batch (default 16)")
+    p.add_argument("--meta-batch", "--batch-size", dest="meta_batch", type=int, default=16,
+                   help="tasks per batch (default 16; --batch-size is an older name)")
     p.add_argument("--min-ctx", type=int, default=3, help="fewest context points per batch (default 3)")
     p.add_argument("--max-ctx", type=int, default=50, help="most context points per batch (default 50)")
     p.add_argument("--n-tgt", type=int, default=50, help="target points per task, besides the context (50)")
     p.add_argument("--hidden", type=int, default=128, help="width of the MLPs (default 128)")
     p.add_argument("--min-std", type=float, default=0.1, help="lower bound of the predicted std (default 0.1)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--meta-lr", "--lr", dest="meta_lr", type=float, default=1e-3,
+                   help="Adam learning rate (default 1e-3; --lr is an older name)")
     p.add_argument("--num-workers", type=int, default=1, help="task-loader worker processes (default 1)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads while training (default 1: the MLPs are too small to gain "
-                        "from more, and the loader worker needs the other core)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads while training (default: the cores this process may "
+                        f"use minus --num-workers, at least 1: {mb.runtime.default_threads(1)} here with 1 "
+                        f"worker)")
     p.add_argument("--eval-tasks", type=int, default=1000, help="held-out evaluation tasks (default 1000)")
     p.add_argument("--eval-batch", type=int, default=25, help="evaluation tasks per n_ctx draw (default 25)")
     p.add_argument("--seed", type=int, default=0, help="the seed of everything (default 0)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/cnp"),
-                   help="results folder (metrics.json, predictions.png)")
+                   help="results folder: metrics.json, predictions.png, last.pt (default runs/cnp)")
+    p.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="write OUT/last.pt every N steps and at the end (default 1000; 0: only at the end)")
+    p.add_argument("--resume", type=pathlib.Path, default=None,
+                   help="continue from a checkpoint (OUT/last.pt): the same batches from its step on")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if not 1 <= args.min_ctx <= args.max_ctx:
         p.error(f"need 1 <= --min-ctx <= --max-ctx, got {args.min_ctx} and {args.max_ctx}")
+    if args.threads is None:
+        args.threads = mb.runtime.default_threads(args.num_workers)
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.checkpoint_every < 0:
+        p.error(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.resume is not None and not args.resume.is_file():
+        p.error(f"--resume {args.resume}: no such file (a checkpoint is written to OUT/last.pt)")
     if args.eval_tasks % args.eval_batch:
         p.error(f"--eval-batch ({args.eval_batch}) must divide --eval-tasks ({args.eval_tasks})")
     return args
@@ -216,28 +233,48 @@ def plot(model, task, history, by_batch, args, path, sizes=(3, 10, 50), num_task
 
 def main(argv=None):
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    threads = mb.runtime.use_threads(args.threads)
     try:
         return run(args)
     finally:
         torch.set_num_threads(threads)
 
 
+# What a checkpoint must agree on to continue the same run (the rest, e.g. --steps, may change).
+SAME_RUN = ("seed", "meta_batch", "min_ctx", "max_ctx", "n_tgt", "hidden", "min_std", "meta_lr")
+
+
+def checkpoint(model, opt, step, history, n_ctx_seen, args):
+    mb.checkpoint.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                        "train_nll": history, "n_ctx_per_step": n_ctx_seen,
+                        "run": {k: getattr(args, k) for k in SAME_RUN}}, args.out / "last.pt")
+
+
 def run(args):
     args.out.mkdir(parents=True, exist_ok=True)
     model = make_model(mb.random.fold_in(mb.random.key(args.seed), 1), args.hidden, args.min_std)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=args.meta_lr)
+    history, n_ctx_seen, first = [], [], 0
+    if args.resume is not None:
+        ckpt = mb.checkpoint.load(args.resume)
+        differs = {k: (v, getattr(args, k)) for k, v in ckpt["run"].items() if v != getattr(args, k)}
+        if differs:
+            raise SystemExit(f"--resume {args.resume}: the checkpoint is of another run; these flags differ "
+                             f"(checkpoint, now): {differs}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        first, history, n_ctx_seen = ckpt["step"], ckpt["train_nll"], ckpt["n_ctx_per_step"]
+        print(f"resumed from {args.resume} at step {first}")
     task = mb.tasks.gp()           # the CNP paper's GP; picklable, so it goes to the workers as is
-    specs = mb.batch_specs(args.seed, num_tasks=10**6, batch_size=args.batch_size,
+    specs = mb.batch_specs(args.seed, num_tasks=10**6, batch_size=args.meta_batch,
                            n_ctx=(args.min_ctx, args.max_ctx), n_tgt=args.n_tgt, num_batches=args.steps)
-    loader = mb.task_loader(task, specs, num_workers=args.num_workers)
+    loader = mb.task_loader(task, specs.replace(start=first), num_workers=args.num_workers)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
-        bar = tqdm(total=args.steps, desc="train CNP", unit="step", mininterval=1.0)
-    history, n_ctx_seen, running, start = [], [], None, time.perf_counter()
-    for batch in loader:
+        bar = tqdm(total=args.steps, initial=first, desc="train CNP", unit="step", mininterval=1.0)
+    running, start = None, time.perf_counter()
+    for step, batch in enumerate(loader, first):   # specs.replace(start=k): the stream from step k on
         (xc, yc), (xt, yt) = batch["context"], batch["target"]
         x_all, y_all = torch.cat([xc, xt], 1), torch.cat([yc, yt], 1)   # the paper: targets include the context
         mean, std = model(xc, yc, x_all)
@@ -252,15 +289,18 @@ def run(args):
             bar.update(1)
             if len(history) % 100 == 1:
                 bar.set_postfix(nll=f"{running:.3f}", n_ctx=xc.shape[1])
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            checkpoint(model, opt, step + 1, history, n_ctx_seen, args)
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - start
+    checkpoint(model, opt, max(first, args.steps), history, n_ctx_seen, args)
 
     summary, by_batch = evaluate(model, task, args)
     metrics = {
         "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
         "train_seconds": train_s,
-        "ms_per_step": 1000 * train_s / max(1, args.steps),
+        "ms_per_step": 1000 * train_s / max(1, args.steps - first),
         "target_loglik": {**summary["cnp"], "tasks": args.eval_tasks, "per": "point"},
         "context_loglik": summary["cnp_on_context"],
         "trivial_loglik": summary["trivial"],
