@@ -1,6 +1,6 @@
 """MAML in a PyTorch Lightning module: metabatch's task loader and meta-loss inside Lightning's loop.
 
-    pip install lightning                                   # or: pip install 'metabatch[lightning]'
+    pip install 'metabatch[lightning]'                      # or: pip install lightning
     python examples/lightning_maml.py                       # sinusoid regression, no data needed
     python examples/lightning_maml.py --task omniglot --data ../shared/data/omniglot/images_background_small1.zip
     python examples/lightning_maml.py --steps 2000 --resume runs/lightning_maml/checkpoints/last.ckpt
@@ -47,9 +47,11 @@ from metabatch import maml
 
 try:
     import lightning as L
-except ImportError as err:  # Lightning is an optional extra
-    raise ImportError("examples/lightning_maml.py needs PyTorch Lightning: pip install lightning "
-                      "(or pip install 'metabatch[lightning]').") from err
+except ImportError:  # an optional extra: --help works without it, and running says how to install it
+    L = None
+
+NEEDS_LIGHTNING = ("examples/lightning_maml.py needs PyTorch Lightning, which is not installed: "
+                   "pip install 'metabatch[lightning]' (the lightning extra), or pip install lightning.")
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def convnet(ways: int, channels: int = 1, hidden: int = 64) -> torch.nn.Module:
 
 # -- the LightningModule -------------------------------------------------------------------------
 
-class MAML(L.LightningModule):
+class MAML(L.LightningModule if L is not None else object):
     """MAML with manual optimization; the task stream resumes with Lightning's checkpoints."""
 
     def __init__(self, task: str = "sinusoid", data: str | None = None, eval_data: str | None = None,
@@ -234,34 +236,47 @@ class MAML(L.LightningModule):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("sinusoid", "omniglot"), default="sinusoid")
+    p.add_argument("--task", choices=("sinusoid", "omniglot"), default="sinusoid",
+                   help="sinusoid regression (no data) or Omniglot classification (default sinusoid)")
     p.add_argument("--data", help="omniglot: the training zip or folder (images_background_small1.zip)")
     p.add_argument("--eval-data", help="omniglot: held-out classes (default: the last fifth of --data)")
     p.add_argument("--steps", type=int, default=1000, help="meta-training steps (default 1000)")
-    p.add_argument("--ways", "--n_way", type=int, default=5, help="omniglot: classes per task (N)")
+    p.add_argument("--ways", "--n_way", type=int, default=5, help="omniglot: classes per task, N (default 5)")
     p.add_argument("--shots", "--k_spt", type=int, help="support examples per class (omniglot, default 1) "
                    "or support points (sinusoid, default 10)")
     p.add_argument("--query", "--k_qry", type=int, help="query examples per class (omniglot, default 15) "
                    "or query points in training (sinusoid, default 10)")
     p.add_argument("--image-size", "--imgsz", type=int, default=28, help="omniglot: image side (default 28)")
     p.add_argument("--hidden", type=int, default=64, help="omniglot: conv channels (default 64)")
-    p.add_argument("--meta-batch", "--task_num", type=int, default=4, help="tasks per meta-step")
-    p.add_argument("--inner-steps", "--update_step", type=int, default=1, help="inner steps in training")
+    p.add_argument("--meta-batch", "--task_num", type=int, default=4, help="tasks per meta-step (default 4)")
+    p.add_argument("--inner-steps", "--update_step", type=int, default=1,
+                   help="inner steps in training (default 1)")
     p.add_argument("--test-steps", "--update_step_test", type=int, default=10,
-                   help="inner steps in validation and test")
-    p.add_argument("--inner-lr", "--update_lr", type=float, default=0.01)
-    p.add_argument("--meta-lr", "--meta_lr", type=float, default=1e-3)
-    p.add_argument("--first-order", action="store_true", help="first-order MAML")
+                   help="inner steps in validation and test (default 10)")
+    p.add_argument("--inner-lr", "--update_lr", type=float, default=0.01,
+                   help="inner learning rate (default 0.01)")
+    p.add_argument("--meta-lr", "--meta_lr", type=float, default=1e-3,
+                   help="Adam learning rate (default 1e-3)")
+    p.add_argument("--first-order", action="store_true", help="first-order MAML (default: second order)")
     p.add_argument("--eval-tasks", type=int, default=100,
                    help="validation / test tasks, rounded down to whole meta-batches (default 100)")
-    p.add_argument("--val-every", type=int, default=200, help="validate every N steps")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps")
-    p.add_argument("--num-workers", type=int, default=0, help="task-loader worker processes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", type=pathlib.Path, help="a checkpoint to resume from")
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/lightning_maml"))
+    p.add_argument("--val-every", type=int, default=200, help="validate every N steps (default 200)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps (default 200)")
+    p.add_argument("--num-workers", type=int, default=0, help="task-loader worker processes (default 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: the cores this process may use minus "
+                        f"--num-workers, at least 1: {mb.runtime.default_threads(0)} here with no worker)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of everything (default 0)")
+    p.add_argument("--resume", type=pathlib.Path, help="a Lightning checkpoint to resume from (default: none)")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/lightning_maml"),
+                   help="logs and checkpoints (default runs/lightning_maml)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = mb.runtime.default_threads(args.num_workers)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    return args
 
 
 def build(args) -> tuple:
@@ -298,9 +313,15 @@ def fit(trainer, module, ckpt_path=None) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    module, trainer = build(args)
-    fit(trainer, module, ckpt_path=args.resume)
-    result = trainer.test(module, verbose=not args.no_progress)[0]
+    if L is None:
+        raise SystemExit(NEEDS_LIGHTNING)
+    threads = mb.runtime.use_threads(args.threads)
+    try:
+        module, trainer = build(args)
+        fit(trainer, module, ckpt_path=args.resume)
+        result = trainer.test(module, verbose=not args.no_progress)[0]
+    finally:
+        torch.set_num_threads(threads)
     print(f"trained steps {module.start}..{trainer.global_step - 1}; test loss {result['test_loss']:.4f}"
           + (f", accuracy {result['test_acc']:.3f}" if "test_acc" in result else "")
           + f" ({module.eval_batches() * args.meta_batch} tasks, {args.test_steps} inner steps); checkpoints in "

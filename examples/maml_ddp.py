@@ -66,22 +66,44 @@ def parse_args(argv=None):
     p.add_argument("--query", type=int, default=10, help="query points per task (default 10)")
     p.add_argument("--first-order", action="store_true", help="first-order MAML (FOMAML)")
     p.add_argument("--num-workers", type=int, default=1, help="loader worker processes per rank (default 1)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="model and data dtype")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per rank (default: this machine's cores shared evenly by its "
+                        "ranks, minus --num-workers, at least 1: "
+                        f"{rank_threads(None, 1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))} here with 1 "
+                        f"worker per rank)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="model and data dtype (default float32)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda:LOCAL_RANK when CUDA is available, else cpu (default auto)")
     p.add_argument("--seed", type=int, default=0, help="the seed of everything (default 0)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/maml_ddp"),
                    help="results folder: metrics.json, checkpoints/ (default runs/maml_ddp)")
-    p.add_argument("--log-every", type=int, default=100, help="rank 0 prints the loss every N steps")
+    p.add_argument("--log-every", type=int, default=100, help="rank 0 prints the loss every N steps (default 100)")
     p.add_argument("--checkpoint-every", type=int, default=1000,
                    help="rank 0 writes out/checkpoints/step_NNNNNNN.pt every N steps and at the end "
-                        "(0: only at the end)")
-    p.add_argument("--resume", type=pathlib.Path, default=None, help="a checkpoint to continue from")
-    p.add_argument("--eval-tasks", type=int, default=200, help="held-out tasks evaluated by rank 0 at the end")
+                        "(default 1000; 0: only at the end)")
+    p.add_argument("--resume", type=pathlib.Path, default=None,
+                   help="a checkpoint to continue from (default: none)")
+    p.add_argument("--eval-tasks", type=int, default=200,
+                   help="held-out tasks evaluated by rank 0 at the end (default 200)")
     p.add_argument("--trace", action="store_true",
                    help="also write out/trace/rank{R}.pt: per step, this rank's spec and local loss, and on "
                         "rank 0 the parameters and the averaged meta-gradient (tests/test_distributed.py)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def rank_threads(threads: int | None, num_workers: int, local_ranks: int) -> int:
+    """--threads, or this rank's share of the machine's cores minus its loader workers (at least 1).
+
+    torchrun starts LOCAL_WORLD_SIZE ranks on a machine: each gets cpu_count() // LOCAL_WORLD_SIZE cores,
+    and its loader workers take num_workers of them (metabatch.runtime.default_threads for one rank).
+    """
+    if threads is not None:
+        return threads
+    return max(1, mb.runtime.cpu_count() // max(1, local_ranks) - num_workers)
 
 
 def setup(device: str) -> tuple[torch.device, bool]:
@@ -102,7 +124,7 @@ def load_checkpoint(path: pathlib.Path, args, rank: int, world_size: int) -> dic
     """Rank 0 reads the checkpoint and sends it to the others (no shared file system needed)."""
     box = [None]
     if rank == 0:
-        box[0] = torch.load(path, map_location="cpu", weights_only=True)
+        box[0] = mb.checkpoint.load(path)  # weights_only: a checkpoint never runs code
         saved = box[0]["args"]
         changed = {k: (saved.get(k), getattr(args, k)) for k in STREAM_ARGS if saved.get(k) != getattr(args, k)}
         if changed:
@@ -119,14 +141,9 @@ def load_checkpoint(path: pathlib.Path, args, rank: int, world_size: int) -> dic
 
 
 def save_checkpoint(out: pathlib.Path, step: int, model, opt, history, args, world_size: int):
-    path = out / "checkpoints" / f"step_{step:07d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "history": history,
              "args": {k: getattr(args, k) for k in STREAM_ARGS}, "world_size": world_size}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never a half-written checkpoint
-    return path
+    return mb.checkpoint.save(state, out / "checkpoints" / f"step_{step:07d}.pt")  # atomic: never torn
 
 
 def evaluate(model, params, args, device, dtype):
@@ -140,13 +157,16 @@ def evaluate(model, params, args, device, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.threads = rank_threads(args.threads, args.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     device, joined = setup(args.device)
+    threads = mb.runtime.use_threads(args.threads)
     try:
         metrics = train(args, device)
         if joined:
             dist.barrier()  # the other ranks wait for rank 0's checkpoint and evaluation, then all leave together
         return metrics
     finally:
+        torch.set_num_threads(threads)
         if joined:
             dist.destroy_process_group()
 
