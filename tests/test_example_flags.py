@@ -25,7 +25,7 @@ SHARED = ("--threads", "--num-workers", "--resume", "--out")
 NOT_YET = {
     "maml_omniglot.py": "--threads defaults to torch's count in examples/_fewshot.py (algorithms engineer)",
     "maml_sinusoid.py": "--threads and --resume (speed engineer)",
-    "protonet_omniglot.py": "--threads defaults to torch's count in examples/_fewshot.py (algorithms engineer)",
+    "protonet_omniglot.py": "--threads defaults to torch's count in examples/_fewshot.py (algorithms)",
 }
 
 
