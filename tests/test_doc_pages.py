@@ -45,7 +45,6 @@ NOT_YET = {
     "docs/distributed.md": "its block needs torchrun's environment (RANK, WORLD_SIZE): issue 12",
     "docs/maml.md": "fragments that use names defined nowhere on the page: issue 12",
     "docs/sharp-bits.md": "fragments that use names defined nowhere on the page: issue 12",
-    "docs/tasks.md": "a signature written as a python block: issue 12",
 }
 
 
