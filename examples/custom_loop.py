@@ -27,8 +27,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300, help="meta-steps, counted from 0 (default 300)")
     p.add_argument("--seed", type=int, default=0, help="the seed of the tasks and the model (default 0)")
     p.add_argument("--num-workers", type=int, default=2, help="task-loader workers (default 2)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: the cores this process "
-                   f"may use minus --num-workers, at least 1: {mb.runtime.default_threads(2)} with 2 workers)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: the cores this process may "
+                   f"use minus --num-workers, at least 1: {mb.runtime.default_threads(2)} with 2 workers)")
     p.add_argument("--out", help="write OUT/last.pt (model, optimizer, step) at the end (default: none)")
     p.add_argument("--resume", help="continue from this checkpoint (default: start afresh)")
     args = p.parse_args(argv)

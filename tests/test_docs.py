@@ -79,8 +79,8 @@ def markdown_problems(name: str, doc: str) -> list[str]:
     lines = doc.splitlines()
     for i, line in enumerate(lines[:-1]):
         if line.strip() == "Returns:" and ":" in re.sub(r"`[^`]*`|\[[^\]]*\]\[[^\]]*\]", "", lines[i + 1]):
-            found.append(f"{name}: the first line of Returns holds a colon, which splits it into a type and a "
-                         f"description: {lines[i + 1].strip()!r}")
+            found.append(f"{name}: the first line of Returns holds a colon, which splits it into a type "
+                         f"and a description: {lines[i + 1].strip()!r}")
     return found
 
 
