@@ -127,3 +127,10 @@ def test_built_site_shows_no_raw_sphinx_role(site):
                     for m in NOT_YET)
     shown = sorted(h for h in holders if not h.split(": ")[1].startswith(allowed))
     assert not shown, "raw Sphinx roles on the site:\n" + "\n".join(shown)
+
+
+def test_built_site_shows_every_code_block_as_code(site):
+    """A fence that superfences cannot parse (```python notest) prints as a paragraph of backticks."""
+    broken = [str(page.relative_to(site)) for page in sorted(site.rglob("*.html"))
+              if re.search(r"<p>(?:`{3,}|~{3,})", page.read_text(encoding="utf-8"))]
+    assert not broken, f"code fences shown as text on: {broken}"
