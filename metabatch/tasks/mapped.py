@@ -16,6 +16,21 @@ too; anything that copies (fancy indexing, arithmetic, `astype`,
 `np.asarray`, `torch.from_numpy(...)` followed by a copy) is an ordinary
 in-memory array again.
 
+Bounded footprint. A page of the file that a process has touched stays mapped
+in that process, and while no other process maps it, it counts in that
+process's unique memory (USS: `Private_Clean`), although it is page cache the
+kernel can drop at any time. A fault may map more than the page touched:
+Linux 6.x keeps files in large folios (up to 2 MiB on ext4, xfs, tmpfs) and
+maps a whole folio at once, so a task that reads 80 images of 21 KB can map
+80-160 MB. So that an epoch over a set of any size leaves every process's
+footprint bounded, an `MmapArray` counts an upper bound of what indexing may
+map (in granules of the PMD size, 2 MiB on x86-64), and once that passes
+`release_every` (64 MiB by default) it drops its process's mapping of the
+file (`madvise(MADV_DONTNEED)`, Linux): the data stays in the page cache,
+views stay valid, and a later touch is a minor page fault. Elsewhere (macOS,
+Windows) nothing is released and the operating system manages the mapping as
+usual.
+
 The dataset readers (`metabatch.tasks.omniglot.load`,
 `metabatch.tasks.miniimagenet.load`, `metabatch.tasks.tieredimagenet.load`)
 return their cached images as `MmapArray`s.
@@ -23,14 +38,106 @@ return their cached images as `MmapArray`s.
 
 from __future__ import annotations
 
+import mmap
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import _validate
+
 __all__ = ["MmapArray", "mmap_array"]
+
+#: Default of `mmap_array(..., release_every=)`: bytes of the file's pages a process may have
+#: touched through indexing before it drops its mapping of them (the data stays in the page cache).
+RELEASE_EVERY = 64 * 2**20
+
+#: madvise(MADV_DONTNEED) keeps a read-only shared file mapping's contents (later touches read the
+#: page cache again) on Linux, as madvise(2) documents; elsewhere its meaning differs or it is missing.
+CAN_RELEASE = sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
+
+_PAGE = mmap.PAGESIZE
+
+
+def _granule() -> int:
+    """Bytes of a file that touching one byte may map: a page, or where the kernel keeps files in large
+    folios (Linux 6.x on ext4, xfs, tmpfs...) and maps a whole folio on a fault, up to the PMD size."""
+    if not CAN_RELEASE:
+        return _PAGE
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return max(int(f.read()), _PAGE)
+    except (OSError, ValueError):  # no transparent huge pages: no large folios either
+        return _PAGE
+
+
+_GRANULE = _granule()
+
+
+class _Pager:
+    """What indexing has handed out of one mapping since its last release; releases past `every` bytes.
+
+    Shared by an `MmapArray` and every view of it (one per mapping and process: fork children get
+    their own copy, spawned workers build their own when they map the file again).
+    """
+
+    __slots__ = ("map", "every", "on", "pending", "releases")
+
+    def __init__(self, map_: mmap.mmap, every: int | None):
+        self.map, self.every, self.pending, self.releases = map_, every, 0, 0
+        self.on = CAN_RELEASE and every is not None  # `every` travels with a pickle even where it is off
+
+    def charge(self, nbytes: int, *, read: bool) -> None:
+        """Count `nbytes` of pages: just `read` (a copy; release once past `every`) or to be read (a view).
+
+        A view is counted when it is made: if it would pass `every`, the mapping is released first, so
+        the pages it is about to touch stay counted.
+        """
+        if not self.on:
+            return
+        nbytes = min(nbytes, len(self.map) + _GRANULE)
+        if read:
+            self.pending += nbytes
+            if self.pending > self.every:
+                self.release()
+            return
+        if self.pending and self.pending + nbytes > self.every:
+            self.release()
+        self.pending += nbytes
+
+    def release(self) -> None:
+        """Drop this process's mapping of the file's pages (not the page cache); count from zero."""
+        self.pending = 0
+        if not self.on or self.map.closed:
+            return
+        try:
+            self.map.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # a kernel or sandbox that refuses it: stop trying, map as usual
+            self.on = False
+            return
+        self.releases += 1
+
+
+def _pages(shape: tuple, strides: tuple, itemsize: int) -> int:
+    """Bytes of the file that reading an array of this layout may map, at most.
+
+    The array is `prod(shape[:k])` contiguous blocks (the C-contiguous tail of its axes); a block of
+    `b` bytes spans at most `ceil(b / g) + 1` granules of `g` bytes (`_GRANULE`: what one fault may
+    map). A stride of `None` marks an axis that is not laid out contiguously (a gathered one).
+    """
+    if 0 in shape:
+        return 0
+    k, block = len(shape), itemsize
+    while k and (shape[k - 1] == 1 or strides[k - 1] == block):
+        k -= 1
+        block *= shape[k]
+    blocks = 1
+    for n in shape[:k]:
+        blocks *= n
+    return blocks * (-(-block // _GRANULE) + 1) * _GRANULE
 
 
 class MmapArray(np.memmap):
@@ -49,6 +156,10 @@ class MmapArray(np.memmap):
     longer refers to the file (the result of a copy) pickles its values, as a
     plain `numpy.ndarray`.
 
+    Indexing counts what it may map of the file and, past `release_every`
+    (an argument of `mmap_array`, kept by views and pickles), drops this
+    process's mapping of the file's pages (Linux); see `mmap_array`.
+
     Examples:
         >>> import pickle, tempfile, pathlib, numpy as np
         >>> from metabatch.tasks import mmap_array
@@ -63,18 +174,35 @@ class MmapArray(np.memmap):
 
     _anchor: int | None = None   # address of the file's byte 0 in this mapping (virtual; may lie outside it)
     _ident: tuple | None = None  # (inode, size, mtime_ns) of the file when it was mapped
+    _pager: _Pager | None = None  # shared by the views of one mapping: releases its pages now and then
 
     def __array_finalize__(self, obj):
         super().__array_finalize__(obj)
         if self._mmap is not None:
             self._anchor = getattr(obj, "_anchor", None)
             self._ident = getattr(obj, "_ident", None)
+            self._pager = getattr(obj, "_pager", None)
         else:
-            self._anchor = self._ident = None
+            self._anchor = self._ident = self._pager = None
 
     def __getitem__(self, index):
         res = super().__getitem__(index)
-        if isinstance(res, MmapArray) and res._mmap is None:  # a copy (fancy indexing): a plain array
+        pager = self._pager
+        if isinstance(res, MmapArray) and res._mmap is not None:  # a view: counted now, read later
+            if pager is not None:
+                pager.charge(_pages(res.shape, res.strides, res.itemsize), read=False)
+            return res
+        if pager is not None:  # a copy (fancy indexing) or an element: the file's pages were just read
+            if isinstance(res, np.ndarray):
+                tail = 0
+                while (tail < min(res.ndim, self.ndim) and res.shape[res.ndim - 1 - tail]
+                       == self.shape[self.ndim - 1 - tail]):
+                    tail += 1
+                strides = (None,) * (res.ndim - tail) + self.strides[self.ndim - tail:]
+                pager.charge(_pages(res.shape, strides, res.itemsize), read=True)
+            else:
+                pager.charge(_GRANULE, read=True)
+        if isinstance(res, MmapArray):  # a copy: a plain array
             return res.view(np.ndarray)
         return res
 
@@ -87,11 +215,12 @@ class MmapArray(np.memmap):
         return arr.view(np.ndarray)
 
     def _reference(self) -> tuple | None:
-        """`(filename, ident, dtype, shape, strides, position)`, or `None` if this is not a view of the file."""
+        """`(filename, ident, dtype, shape, strides, position, release_every)`, or `None` if not a view of the file."""
         if self._mmap is None or self._anchor is None or self._ident is None or self.filename is None:
             return None
         position = self.__array_interface__["data"][0] - self._anchor
-        return (str(self.filename), self._ident, self.dtype, self.shape, self.strides, position)
+        every = None if self._pager is None else self._pager.every
+        return (str(self.filename), self._ident, self.dtype, self.shape, self.strides, position, every)
 
     def __reduce_ex__(self, protocol):
         ref = self._reference()
@@ -117,8 +246,10 @@ def _ident(st: os.stat_result) -> tuple:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def open_npy(path: str | os.PathLike) -> MmapArray | np.ndarray:
+def open_npy(path: str | os.PathLike, release_every: int | None = RELEASE_EVERY) -> MmapArray | np.ndarray:
     """Map the `.npy` file `path` read-only (an empty array is returned as a plain read-only array).
+
+    `release_every`: see `mmap_array`.
 
     Raises:
         FileNotFoundError: no file at `path`.
@@ -148,10 +279,12 @@ def open_npy(path: str | os.PathLike) -> MmapArray | np.ndarray:
     array.filename = os.path.abspath(path)
     array._anchor = array.__array_interface__["data"][0] - offset
     array._ident = _ident(st)
+    array._pager = _Pager(array._mmap, release_every)
     return array
 
 
-def _reopen(filename: str, ident: tuple, dtype, shape: tuple, strides: tuple, position: int) -> MmapArray:
+def _reopen(filename: str, ident: tuple, dtype, shape: tuple, strides: tuple, position: int,
+            release_every: int | None = RELEASE_EVERY) -> MmapArray:
     """Unpickle an `MmapArray`: map `filename` again and take the same view of it."""
     try:
         f = open(filename, "rb")
@@ -171,6 +304,7 @@ def _reopen(filename: str, ident: tuple, dtype, shape: tuple, strides: tuple, po
     array._mmap, array.filename, array.offset, array.mode = whole._mmap, filename, whole.offset, "r"
     array._anchor = whole.__array_interface__["data"][0]
     array._ident = tuple(ident)
+    array._pager = _Pager(whole._mmap, release_every)
     array.flags.writeable = False
     return array
 
@@ -190,7 +324,8 @@ def save_npy(path: Path, array: np.ndarray) -> None:
             os.unlink(tmp)
 
 
-def mmap_array(path: str | os.PathLike, data: np.ndarray | torch.Tensor | None = None) -> MmapArray:
+def mmap_array(path: str | os.PathLike, data: np.ndarray | torch.Tensor | None = None, *,
+               release_every: int | None = RELEASE_EVERY) -> MmapArray:
     """A large array for `sample_task` that every loader worker shares instead of copying.
 
     `mmap_array(path)` maps an existing `.npy` file read-only;
@@ -205,11 +340,27 @@ def mmap_array(path: str | os.PathLike, data: np.ndarray | torch.Tensor | None =
     set larger than memory every task may read from disk: keep such files on
     an SSD.
 
+    Footprint: each process (the main one and every worker) keeps at most
+    about `release_every` bytes of the file mapped. Indexing (`images[rows]`,
+    `images[i]`, slices) counts an upper bound of the pages it reads or that
+    the view it returns spans; once the count would pass `release_every`,
+    the process drops its mapping of the file's pages with
+    `madvise(MADV_DONTNEED)` (Linux only; elsewhere nothing is released). The
+    data stays in the page cache, arrays and views stay valid, and touching a
+    page again is a minor page fault (no disk read while the page is
+    cached). Reads that do not index (`images.sum()`, `np.take(images, ...)`)
+    are not counted; what they mapped is dropped at the next release.
+
     Args:
         path: the `.npy` file (conventionally named `*.npy`).
         data: a numpy array or CPU tensor of numbers to write to `path`
             first (an existing file is replaced); `None` (the default) opens
             `path` as it is.
+        release_every: bytes of the file's pages (64 MiB by default) a
+            process may touch through indexing before it drops its mapping of
+            them; `None`: never (the kernel drops them under memory pressure,
+            but until then they count in the process's unique memory).
+            Workers get the value with the array.
 
     Returns:
         A read-only `MmapArray` (a `numpy.memmap` subclass). An empty array
@@ -217,8 +368,9 @@ def mmap_array(path: str | os.PathLike, data: np.ndarray | torch.Tensor | None =
 
     Raises:
         FileNotFoundError: `path` does not exist (and no `data` was given).
-        TypeError: `data` is not an array of numbers.
-        ValueError: `path` is not a `.npy` file, holds Python objects, or is truncated.
+        TypeError: `data` is not an array of numbers; `release_every` is not an int or `None`.
+        ValueError: `path` is not a `.npy` file, holds Python objects, or is truncated;
+            `release_every` is negative.
 
     Examples:
         >>> import tempfile, pathlib, numpy as np
@@ -230,6 +382,8 @@ def mmap_array(path: str | os.PathLike, data: np.ndarray | torch.Tensor | None =
         ...     (type(images).__name__, x.shape, y.tolist())
         ('MmapArray', (2, 1, 3, 3), [0, 1])
     """
+    if release_every is not None:
+        release_every = _validate.integer(release_every, "release_every", "mmap_array", low=0)
     path = Path(path).expanduser()
     if data is not None:
         if isinstance(data, torch.Tensor):
@@ -246,4 +400,4 @@ def mmap_array(path: str | os.PathLike, data: np.ndarray | torch.Tensor | None =
         save_npy(path, data)
     elif not path.exists():
         raise FileNotFoundError(f"mmap_array(): no file at {path}; pass data= to write an array there first.")
-    return open_npy(path)
+    return open_npy(path, release_every)
