@@ -1,6 +1,7 @@
 """metabatch.tasks.mmap_array / MmapArray: memory-mapped arrays that pickle by reference."""
 
 import dataclasses
+import mmap
 import os
 import pickle
 
@@ -130,3 +131,185 @@ def test_loader_workers_map_the_file_under_every_start_method(images, method):
     probes = list(mb.task_loader(Probe(images), specs, num_workers=2, multiprocessing_context=method))
     assert all(bool(p["mapped"].all()) for p in probes)
     assert {int(pid) for p in probes for pid in p["pid"]} - {os.getpid()}  # built in the workers
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bounded footprint: what indexing maps of the file is released (madvise DONTNEED) past release_every.
+
+from metabatch.tasks import mapped  # noqa: E402
+
+MiB = 2**20
+BIG = (64, 16, 256, 256)  # 64 classes x 16 examples of 64 KiB: 64 MiB on disk
+
+
+def mapped_kb(path) -> int:
+    """KiB of `path` mapped into this process (Rss of its mappings in /proc/self/smaps)."""
+    total, inside, name = 0, False, str(path)
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's first line: "start-end perms ... path"
+                inside = line.rstrip("\n").endswith(" " + name)
+            elif inside and head == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+needs_smaps = pytest.mark.skipif(not os.path.exists("/proc/self/smaps"),
+                                 reason="needs /proc/self/smaps (Linux) to read what a process has mapped")
+needs_release = pytest.mark.skipif(not mapped.CAN_RELEASE,
+                                   reason="mappings are released with madvise(MADV_DONTNEED) on Linux only")
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory):
+    """A 64 MiB .npy whose example (c, k) holds the value (c * 16 + k) % 251 everywhere."""
+    path = tmp_path_factory.mktemp("big") / "big.npy"
+    values = (np.arange(BIG[0] * BIG[1]) % 251).astype(np.uint8).reshape(BIG[:2] + (1, 1))
+    mmap_array(path, np.broadcast_to(values, BIG).copy())
+    return path
+
+
+def touch_everything(images) -> int:
+    """Read every example through indexing (copies and views, as tasks do); the sum of what was read."""
+    total = 0
+    for c in range(BIG[0]):
+        total += int(images[[c], [0, 5, 9, 13]].sum(dtype=np.int64))                   # a gather: a copy
+        total += int(np.asarray(images[c, 1:5]).sum(dtype=np.int64))                   # a view, read at once
+        rest = [k for k in range(BIG[1]) if k not in (0, 1, 2, 3, 4, 5, 9, 13)]
+        total += int(sum(images[c, k].sum(dtype=np.int64) for k in rest))
+    return total
+
+
+EXPECTED_SUM = int(((np.arange(BIG[0] * BIG[1]) % 251) * (BIG[2] * BIG[3])).sum())
+
+
+@needs_smaps
+@needs_release
+@pytest.mark.parametrize("every", [8 * MiB, 20 * MiB])
+def test_indexing_keeps_what_a_process_maps_of_the_file_below_release_every(big_file, every):
+    images = mmap_array(big_file, release_every=every)
+    assert touch_everything(images) == EXPECTED_SUM
+    # one call charges at most 2 granules per 64 KiB block; with 5 blocks (the widest call) that is 10 granules
+    slack = 10 * mapped._GRANULE
+    assert mapped_kb(big_file) * 1024 <= every + slack < BIG[0] * BIG[1] * BIG[2] * BIG[3]
+    assert images._pager.releases >= (64 * MiB) // (every + slack)
+    kept = mmap_array(big_file, release_every=None)  # never released: the whole file stays mapped
+    assert touch_everything(kept) == EXPECTED_SUM and kept._pager.releases == 0
+    assert mapped_kb(big_file) * 1024 >= 64 * MiB
+    del kept
+    assert mapped_kb(big_file) * 1024 <= every + slack
+
+
+@needs_release
+def test_views_and_data_stay_valid_after_a_release(big_file):
+    images = mmap_array(big_file, release_every=4 * MiB)
+    view, row = images[7, 2:4], images[63]
+    expected = (7 * 16 + 2) % 251
+    assert int(view[0, 0, 0]) == expected
+    before = images._pager.releases
+    images._pager.release()
+    assert images._pager.pending == 0 and images._pager.releases == before + 1
+    assert np.all(np.asarray(view[0]) == expected) and np.all(np.asarray(view[1]) == expected + 1)
+    assert np.all(row[15] == (63 * 16 + 15) % 251)
+    clone = pickle.loads(pickle.dumps(view))  # a release changes nothing about the reference
+    assert np.array_equal(clone, view) and clone._pager.every == 4 * MiB
+
+
+def test_release_every_travels_with_views_and_pickles(images, tmp_path):
+    assert images._pager.every == mapped.RELEASE_EVERY == 64 * MiB
+    small = mmap_array(tmp_path / "images.npy", release_every=3 * MiB)
+    for v in (small[2:], small[1, ::2], small.T):
+        assert v._pager is small._pager
+        assert pickle.loads(pickle.dumps(v))._pager.every == 3 * MiB
+    never = mmap_array(tmp_path / "images.npy", release_every=None)
+    assert pickle.loads(pickle.dumps(never[1:]))._pager.every is None
+    assert pickle.loads(pickle.dumps(never[1:]))._pager.on is False
+    with pytest.raises(ValueError, match=r"mmap_array\(\): release_every must be >= 0, got -1"):
+        mmap_array(tmp_path / "images.npy", release_every=-1)
+    with pytest.raises(TypeError, match=r"mmap_array\(\): release_every must be an int, got 1.5"):
+        mmap_array(tmp_path / "images.npy", release_every=1.5)
+    with pytest.raises(TypeError, match=r"release_every must be an int, got True"):
+        mmap_array(tmp_path / "images.npy", release_every=True)
+
+
+def test_charges_count_granules_views_before_and_copies_after(monkeypatch):
+    monkeypatch.setattr(mapped, "_GRANULE", 4096)
+    # [5, 16] gathered examples of 3x84x84 bytes: 80 blocks of 21168 bytes, each spanning <= 6 + 1 pages
+    assert mapped._pages((5, 16, 3, 84, 84), (None, None, 7056, 84, 1), 1) == 80 * 7 * 4096
+    assert mapped._pages((16, 3, 84, 84), (21168, 7056, 84, 1), 1) == (83 + 1) * 4096  # one contiguous block
+    assert mapped._pages((4, 3), (24, 8), 8) == 1 * 2 * 4096  # 96 contiguous bytes: one block
+    assert mapped._pages((4, 3), (48, 8), 8) == 4 * 2 * 4096  # every other row of 3 float64: 4 blocks
+    assert mapped._pages((0, 3), (24, 8), 8) == 0
+
+    class FakeMap:
+        closed = False
+        calls = 0
+
+        def __len__(self):
+            return 100 * 4096
+
+        def madvise(self, option):
+            assert option == mmap.MADV_DONTNEED
+            FakeMap.calls += 1
+
+    monkeypatch.setattr(mapped, "CAN_RELEASE", True)
+    pager = mapped._Pager(FakeMap(), 10 * 4096)
+    pager.charge(6 * 4096, read=True)
+    assert (pager.pending, FakeMap.calls) == (6 * 4096, 0)
+    pager.charge(5 * 4096, read=True)  # read: past every -> released after
+    assert (pager.pending, FakeMap.calls, pager.releases) == (0, 1, 1)
+    pager.charge(6 * 4096, read=False)
+    pager.charge(5 * 4096, read=False)  # a view to be read: released first, its pages stay counted
+    assert (pager.pending, FakeMap.calls) == (5 * 4096, 2)
+    pager.charge(10**9, read=True)      # capped at the mapping's size
+    assert (pager.pending, FakeMap.calls) == (0, 3)
+
+
+def test_no_release_where_the_platform_cannot(monkeypatch, tmp_path):
+    monkeypatch.setattr(mapped, "CAN_RELEASE", False)  # macOS, Windows: map as usual, count nothing
+    images = mmap_array(tmp_path / "x.npy", DATA, release_every=0)
+    assert not images._pager.on and images._pager.every == 0
+    assert np.array_equal(images[[1, 2]], DATA[[1, 2]]) and images._pager.releases == 0
+
+    class Refusing:
+        closed = False
+
+        def __len__(self):
+            return 4096
+
+        def madvise(self, option):
+            raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(mapped, "CAN_RELEASE", True)
+    pager = mapped._Pager(Refusing(), 0)
+    pager.charge(4096, read=True)  # refused: turned off, no error
+    assert not pager.on and pager.releases == 0 and pager.every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MappedProbe:
+    """A sample_task that reads 4 examples of a class and reports how much of the file its process has mapped."""
+
+    array: np.ndarray
+
+    def __call__(self, key, idx, n_ctx, n_tgt):
+        x = self.array[[idx % BIG[0]], [0, 5, 9, 13]]
+        return {"sum": np.array(int(x.sum(dtype=np.int64))), "mapped_kb": np.array(mapped_kb(self.array.filename)),
+                "pid": np.array(os.getpid())}
+
+
+@needs_smaps
+@needs_release
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_loader_workers_release_what_they_map(big_file, method):
+    every = 8 * MiB
+    specs = mb.batch_specs(seed=0, num_tasks=BIG[0], batch_size=8, n_ctx=1, n_tgt=1, num_batches=16)
+    got = list(mb.task_loader(MappedProbe(mmap_array(big_file, release_every=every)), specs, num_workers=1,
+                              multiprocessing_context=method))
+    assert {int(p) for b in got for p in b["pid"]} != {os.getpid()}
+    assert int(max(b["mapped_kb"].max() for b in got)) * 1024 <= every + 4 * 2 * mapped._GRANULE
+    kept = list(mb.task_loader(MappedProbe(mmap_array(big_file, release_every=None)), specs, num_workers=1,
+                               multiprocessing_context=method))
+    assert int(kept[-1]["mapped_kb"].max()) * 1024 > every + 4 * 2 * mapped._GRANULE  # the test can fail
+    assert all(torch.equal(a["sum"], b["sum"]) for a, b in zip(got, kept, strict=True))
