@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import metabatch as mb
-from metabatch.tasks import MmapArray, mmap_array
+from metabatch.tasks import MmapArray, mapped, mmap_array
 
 _RNG = np.random.default_rng(0)
 DATA = _RNG.integers(0, 256, size=(20, 6, 8, 8), dtype=np.uint8)  # 20 classes x 6 examples of 8x8
@@ -133,10 +133,9 @@ def test_loader_workers_map_the_file_under_every_start_method(images, method):
     assert {int(pid) for p in probes for pid in p["pid"]} - {os.getpid()}  # built in the workers
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Bounded footprint: what indexing maps of the file is released (madvise DONTNEED) past release_every.
 
-from metabatch.tasks import mapped  # noqa: E402
 
 MiB = 2**20
 BIG = (64, 16, 256, 256)  # 64 classes x 16 examples of 64 KiB: 64 MiB on disk
@@ -190,7 +189,7 @@ EXPECTED_SUM = int(((np.arange(BIG[0] * BIG[1]) % 251) * (BIG[2] * BIG[3])).sum(
 def test_indexing_keeps_what_a_process_maps_of_the_file_below_release_every(big_file, every):
     images = mmap_array(big_file, release_every=every)
     assert touch_everything(images) == EXPECTED_SUM
-    # one call charges at most 2 granules per 64 KiB block; with 5 blocks (the widest call) that is 10 granules
+    # one call charges at most 2 granules per 64 KiB block; 5 blocks (the widest call): 10 granules
     slack = 10 * mapped._GRANULE
     assert mapped_kb(big_file) * 1024 <= every + slack < BIG[0] * BIG[1] * BIG[2] * BIG[3]
     assert images._pager.releases >= (64 * MiB) // (every + slack)
@@ -289,14 +288,14 @@ def test_no_release_where_the_platform_cannot(monkeypatch, tmp_path):
 
 @dataclasses.dataclass(frozen=True)
 class MappedProbe:
-    """A sample_task that reads 4 examples of a class and reports how much of the file its process has mapped."""
+    """A sample_task that reads 4 examples of a class and says how much of the file its process has mapped."""
 
     array: np.ndarray
 
     def __call__(self, key, idx, n_ctx, n_tgt):
         x = self.array[[idx % BIG[0]], [0, 5, 9, 13]]
-        return {"sum": np.array(int(x.sum(dtype=np.int64))), "mapped_kb": np.array(mapped_kb(self.array.filename)),
-                "pid": np.array(os.getpid())}
+        return {"sum": np.array(int(x.sum(dtype=np.int64))), "pid": np.array(os.getpid()),
+                "mapped_kb": np.array(mapped_kb(self.array.filename))}
 
 
 @needs_smaps

@@ -57,7 +57,8 @@ RELEASE_EVERY = 64 * 2**20
 
 #: madvise(MADV_DONTNEED) keeps a read-only shared file mapping's contents (later touches read the
 #: page cache again) on Linux, as madvise(2) documents; elsewhere its meaning differs or it is missing.
-CAN_RELEASE = sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
+CAN_RELEASE = (sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise")
+               and hasattr(mmap, "MADV_DONTNEED"))
 
 _PAGE = mmap.PAGESIZE
 
@@ -84,7 +85,7 @@ class _Pager:
     their own copy, spawned workers build their own when they map the file again).
     """
 
-    __slots__ = ("map", "every", "on", "pending", "releases")
+    __slots__ = ("every", "map", "on", "pending", "releases")
 
     def __init__(self, map_: mmap.mmap, every: int | None):
         self.map, self.every, self.pending, self.releases = map_, every, 0, 0
@@ -215,7 +216,7 @@ class MmapArray(np.memmap):
         return arr.view(np.ndarray)
 
     def _reference(self) -> tuple | None:
-        """`(filename, ident, dtype, shape, strides, position, release_every)`, or `None` if not a view of the file."""
+        """`(filename, ident, dtype, shape, strides, position, release_every)`, or `None` if no view."""
         if self._mmap is None or self._anchor is None or self._ident is None or self.filename is None:
             return None
         position = self.__array_interface__["data"][0] - self._anchor
@@ -239,7 +240,7 @@ def _read_header(f) -> tuple:
         return np.lib.format.read_array_header_1_0(f)
     if version == (2, 0):
         return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f"unsupported .npy format version {version}")  # 3.0: utf8 field names, object-free anyway
+    raise ValueError(f"unsupported .npy format version {version}")  # 3.0: utf8 field names; no objects
 
 
 def _ident(st: os.stat_result) -> tuple:
@@ -268,8 +269,9 @@ def open_npy(path: str | os.PathLike, release_every: int | None = RELEASE_EVERY)
         offset = f.tell()
         count = int(np.prod(shape, dtype=np.int64))
         if offset + count * dtype.itemsize > st.st_size:
-            raise ValueError(f"{path} is truncated: its header says {shape} {dtype} ({count * dtype.itemsize} "
-                             f"bytes of data) but the file holds {st.st_size - offset}.")
+            raise ValueError(f"{path} is truncated: its header says {shape} {dtype} "
+                             f"({count * dtype.itemsize} bytes of data) but the file holds "
+                             f"{st.st_size - offset}.")
         if count == 0:  # mmap cannot map nothing
             empty = np.empty(shape, dtype, order="F" if fortran else "C")
             empty.flags.writeable = False
@@ -295,9 +297,9 @@ def _reopen(filename: str, ident: tuple, dtype, shape: tuple, strides: tuple, po
         st = os.fstat(f.fileno())
         if _ident(st) != tuple(ident):
             raise OSError(f"the memory-mapped array's file {filename} changed after the array was opened (it "
-                          f"was rebuilt or written again: inode, size, mtime {tuple(ident)} then {_ident(st)}); "
-                          f"open it again in the main process (mmap_array(path), or the dataset's load()) and "
-                          f"restart the loader.")
+                          f"was rebuilt or written again: inode, size, mtime {tuple(ident)} then "
+                          f"{_ident(st)}); open it again in the main process (mmap_array(path), or the "
+                          f"dataset's load()) and restart the loader.")
         whole = np.memmap.__new__(MmapArray, f, dtype=np.uint8, mode="r", offset=0, shape=(st.st_size,))
     array = np.ndarray.__new__(MmapArray, shape, dtype=dtype, buffer=whole._mmap, offset=position,
                                strides=strides)
@@ -376,7 +378,8 @@ def mmap_array(path: str | os.PathLike, data: np.ndarray | torch.Tensor | None =
         >>> import tempfile, pathlib, numpy as np
         >>> import metabatch as mb
         >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     images = mb.tasks.mmap_array(pathlib.Path(tmp, "images.npy"), np.zeros((10, 4, 3, 3), np.uint8))
+        ...     path = pathlib.Path(tmp, "images.npy")
+        ...     images = mb.tasks.mmap_array(path, np.zeros((10, 4, 3, 3), np.uint8))
         ...     sample_task = mb.tasks.classification(images, ways=2)     # shares the file with every worker
         ...     x, y = sample_task(mb.random.key(0), 0, 1, 1)["context"]
         ...     (type(images).__name__, x.shape, y.tolist())
