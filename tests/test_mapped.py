@@ -263,6 +263,11 @@ def test_charges_count_granules_views_before_and_copies_after(monkeypatch):
     assert (pager.pending, FakeMap.calls) == (5 * 4096, 2)
     pager.charge(10**9, read=True)      # capped at the mapping's size
     assert (pager.pending, FakeMap.calls) == (0, 3)
+    whole = mapped._Pager(FakeMap(), 100 * 4096)  # nothing maps more than the file: never released
+    for _ in range(50):
+        whole.charge(7 * 4096, read=True)
+        whole.charge(7 * 4096, read=False)
+    assert (whole.pending, whole.releases, FakeMap.calls) == (100 * 4096, 0, 3)
 
 
 def test_no_release_where_the_platform_cannot(monkeypatch, tmp_path):

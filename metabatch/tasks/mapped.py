@@ -95,19 +95,17 @@ class _Pager:
         """Count `nbytes` of pages: just `read` (a copy; release once past `every`) or to be read (a view).
 
         A view is counted when it is made: if it would pass `every`, the mapping is released first, so
-        the pages it is about to touch stay counted.
+        the pages it is about to touch stay counted. Call only when `on`.
         """
-        if not self.on:
-            return
-        nbytes = min(nbytes, len(self.map) + _GRANULE)
+        size = len(self.map)  # nothing maps more than the whole file: a file up to `every` is never released
         if read:
-            self.pending += nbytes
+            self.pending = min(self.pending + nbytes, size)
             if self.pending > self.every:
                 self.release()
             return
-        if self.pending and self.pending + nbytes > self.every:
+        if self.pending and min(self.pending + nbytes, size) > self.every:
             self.release()
-        self.pending += nbytes
+        self.pending = min(self.pending + nbytes, size)
 
     def release(self) -> None:
         """Drop this process's mapping of the file's pages (not the page cache); count from zero."""
@@ -189,6 +187,8 @@ class MmapArray(np.memmap):
     def __getitem__(self, index):
         res = super().__getitem__(index)
         pager = self._pager
+        if pager is not None and not pager.on:
+            pager = None
         if isinstance(res, MmapArray) and res._mmap is not None:  # a view: counted now, read later
             if pager is not None:
                 pager.charge(_pages(res.shape, res.strides, res.itemsize), read=False)
