@@ -42,6 +42,7 @@ import mmap
 import os
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,9 @@ RELEASE_EVERY = 64 * 2**20
 #: page cache again) on Linux, as madvise(2) documents; elsewhere its meaning differs or it is missing.
 CAN_RELEASE = (sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise")
                and hasattr(mmap, "MADV_DONTNEED"))
+
+#: Integer-array gathers from a file larger than `release_every` read with `preadv` and map nothing.
+CAN_PREAD = CAN_RELEASE and hasattr(os, "preadv")
 
 _PAGE = mmap.PAGESIZE
 
@@ -85,11 +89,15 @@ class _Pager:
     their own copy, spawned workers build their own when they map the file again).
     """
 
-    __slots__ = ("every", "map", "on", "pending", "releases")
+    __slots__ = ("__weakref__", "every", "fd", "map", "on", "pending", "releases")
 
-    def __init__(self, map_: mmap.mmap, every: int | None):
+    def __init__(self, map_: mmap.mmap, every: int | None, fd: int | None = None):
         self.map, self.every, self.pending, self.releases = map_, every, 0, 0
         self.on = CAN_RELEASE and every is not None  # `every` travels with a pickle even where it is off
+        self.fd = None  # a descriptor of the mapped file, for gathers that map nothing
+        if fd is not None and self.on and CAN_PREAD and len(map_) > every:
+            self.fd = os.dup(fd)
+            weakref.finalize(self, os.close, self.fd)
 
     def charge(self, nbytes: int, *, read: bool) -> None:
         """Count `nbytes` of pages: just `read` (a copy; release once past `every`) or to be read (a view).
@@ -139,6 +147,59 @@ def _pages(shape: tuple, strides: tuple, itemsize: int) -> int:
     return blocks * (-(-block // _GRANULE) + 1) * _GRANULE
 
 
+def _gather(array: MmapArray, index, fd: int) -> np.ndarray | None:
+    """`array[index]` read from the file with `preadv` (no page of it gets mapped), or `None`.
+
+    Handles an index of integer arrays (and ints) on the leading axes of an array whose other axes are
+    C-contiguous: each selected block is one `preadv` into the result. Anything else (slices, masks,
+    out-of-bounds or mismatched indices, for numpy's own error) is `None`: numpy indexes the map.
+    """
+    parts = index if isinstance(index, tuple) else (index,)
+    if not parts or len(parts) > array.ndim:
+        return None
+    columns, arrays = [], 0
+    for part in parts:
+        if isinstance(part, (int, np.integer)) and not isinstance(part, (bool, np.bool_)):
+            columns.append(np.int64(part))
+            continue
+        if isinstance(part, list):
+            part = np.asarray(part)
+        if not isinstance(part, np.ndarray) or part.dtype.kind not in "iu":
+            return None
+        columns.append(part)
+        arrays += 1
+    if not arrays:  # ints only: an element or a view
+        return None
+    m, shape, strides = len(parts), array.shape, array.strides
+    block = array.itemsize
+    for n, stride in zip(reversed(shape[m:]), reversed(strides[m:])):
+        if n != 1 and stride != block:
+            return None
+        block *= n
+    try:
+        columns = np.broadcast_arrays(*columns)
+    except ValueError:
+        return None
+    offsets = np.full(columns[0].shape, array.__array_interface__["data"][0] - array._anchor, np.int64)
+    for column, n, stride in zip(columns, shape[:m], strides[:m]):
+        if column.size and (column.min() < -n or column.max() >= n):
+            return None
+        offsets += np.where(column < 0, column + n, column).astype(np.int64) * stride
+    out = np.empty(columns[0].shape + shape[m:], array.dtype)
+    if out.size == 0:
+        return out
+    rows = out.reshape(-1).view(np.uint8).reshape(-1, block)
+    for row, offset in zip(rows, offsets.ravel().tolist()):
+        done = os.preadv(fd, [row], offset)
+        while done < block:  # a short read (rare on regular files)
+            more = os.preadv(fd, [row[done:]], offset + done)
+            if more == 0:
+                raise OSError(f"the memory-mapped array's file {array.filename} ends before byte "
+                              f"{offset + block}: it was truncated while mapped.")
+            done += more
+    return out
+
+
 class MmapArray(np.memmap):
     """A read-only `numpy.memmap` of a `.npy` file that pickles as a reference to the file.
 
@@ -185,10 +246,14 @@ class MmapArray(np.memmap):
             self._anchor = self._ident = self._pager = None
 
     def __getitem__(self, index):
-        res = super().__getitem__(index)
         pager = self._pager
         if pager is not None and not pager.on:
             pager = None
+        if pager is not None and pager.fd is not None and self._anchor is not None:
+            res = _gather(self, index, pager.fd)
+            if res is not None:
+                return res
+        res = super().__getitem__(index)
         if isinstance(res, MmapArray) and res._mmap is not None:  # a view: counted now, read later
             if pager is not None:
                 pager.charge(_pages(res.shape, res.strides, res.itemsize), read=False)
@@ -278,10 +343,10 @@ def open_npy(path: str | os.PathLike, release_every: int | None = RELEASE_EVERY)
             return empty
         array = np.memmap.__new__(MmapArray, f, dtype=dtype, mode="r", offset=offset, shape=shape,
                                   order="F" if fortran else "C")
+        array._pager = _Pager(array._mmap, release_every, f.fileno())
     array.filename = os.path.abspath(path)
     array._anchor = array.__array_interface__["data"][0] - offset
     array._ident = _ident(st)
-    array._pager = _Pager(array._mmap, release_every)
     return array
 
 
@@ -301,12 +366,13 @@ def _reopen(filename: str, ident: tuple, dtype, shape: tuple, strides: tuple, po
                           f"{_ident(st)}); open it again in the main process (mmap_array(path), or the "
                           f"dataset's load()) and restart the loader.")
         whole = np.memmap.__new__(MmapArray, f, dtype=np.uint8, mode="r", offset=0, shape=(st.st_size,))
+        pager = _Pager(whole._mmap, release_every, f.fileno())
     array = np.ndarray.__new__(MmapArray, shape, dtype=dtype, buffer=whole._mmap, offset=position,
                                strides=strides)
     array._mmap, array.filename, array.offset, array.mode = whole._mmap, filename, whole.offset, "r"
     array._anchor = whole.__array_interface__["data"][0]
     array._ident = tuple(ident)
-    array._pager = _Pager(whole._mmap, release_every)
+    array._pager = pager
     array.flags.writeable = False
     return array
 
