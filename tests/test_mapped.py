@@ -298,7 +298,7 @@ class MappedProbe:
     array: np.ndarray
 
     def __call__(self, key, idx, n_ctx, n_tgt):
-        x = self.array[[idx % BIG[0]], [0, 5, 9, 13]]      # a gather (read with pread where released)
+        x = self.array[[idx % BIG[0]], [0, 5, 9, 13]]      # a gather (a copy)
         y = np.asarray(self.array[idx % BIG[0], 1:5])       # a view, read at once
         return {"sum": np.array(int(x.sum(dtype=np.int64)) + int(y.sum(dtype=np.int64))),
                 "pid": np.array(os.getpid()),
@@ -320,60 +320,3 @@ def test_loader_workers_release_what_they_map(big_file, method):
     assert int(kept[-1]["mapped_kb"].max()) * 1024 > every + 4 * 2 * mapped._GRANULE  # the test can fail
     assert all(torch.equal(a["sum"], b["sum"]) for a, b in zip(got, kept, strict=True))
 
-
-@pytest.mark.skipif(not mapped.CAN_PREAD, reason="gathers read with os.preadv on Linux only")
-def test_gathers_read_with_pread_equal_numpy(tmp_path):
-    data = np.arange(7 * 5 * 3 * 2, dtype=np.float32).reshape(7, 5, 3, 2)
-    images = mmap_array(tmp_path / "f.npy", data, release_every=0)  # any file is "larger": gathers pread
-    assert images._pager.fd is not None
-    i, j = np.array([[6, 0], [2, -1]]), np.array([4, -5], dtype=np.int16)
-    cases = [[0, 3], [-1], np.array([2, 2, 2]), (np.array([1, 6]), np.array([0, 4])), (i, j), (i, 3),
-             (3, [0, 1], 2), (i[:, :1], j), np.array([], np.int64), (np.array(5), [1]),
-             (np.array([[1], [2]]), np.array([0, 1, 2]), np.array([1])), np.array([1, 2], np.uint8),
-             (slice(None), [0, 1]), (..., [1]), np.arange(7) % 2 == 0, np.array([True] * 7),
-             (None, [1, 2])]
-    for index in cases:
-        got, want = images[index], data[index]
-        assert type(got) is np.ndarray and got.dtype == want.dtype and got.shape == want.shape, index
-        assert np.array_equal(got, want) and got.flags.writeable and got.strides == want.strides, index
-    for view in (images[::-2], images[1:, 2:], images[:, ::2], images.T, images[..., ::-1]):
-        want = np.asarray(view).copy()
-        for index in ([0, 1], (np.array([1, 0]), [1, 0]), ([-1, 0], 0)):
-            assert np.array_equal(view[index], want[index]), index
-    for bad in ([7], (0, [5]), (np.array([1, 2]), np.array([1, 2, 3])), [-8], ([0], [0], [0], [0], [0])):
-        with pytest.raises(IndexError) as got:
-            images[bad]
-        with pytest.raises(IndexError) as want:
-            data[bad]
-        assert str(got.value) == str(want.value)
-    fortran = mmap_array(tmp_path / "F.npy", np.asfortranarray(data), release_every=0)
-    assert np.array_equal(fortran[[1, 2]], data[[1, 2]])  # not contiguous per row: numpy's own gather
-
-
-@needs_smaps
-@pytest.mark.skipif(not mapped.CAN_PREAD, reason="gathers read with os.preadv on Linux only")
-def test_gathers_from_a_file_larger_than_release_every_map_nothing(big_file):
-    rng = np.random.default_rng(0)
-    indices = [(rng.choice(64, 5, replace=False)[:, None], rng.integers(0, 16, (5, 4))) for _ in range(40)]
-    read = mmap_array(big_file, release_every=32 * MiB)
-    kept = mmap_array(big_file, release_every=None)
-    small = mmap_array(big_file, release_every=65 * MiB)  # the whole file fits: indexed through the map
-    assert read._pager.fd is not None and kept._pager.fd is None and small._pager.fd is None
-    for index in indices:
-        assert np.array_equal(read[index], kept[index]) and np.array_equal(small[index], kept[index])
-    # the three map the same file: told apart by address
-    assert mapped_mb_of(read) == 0 and mapped_mb_of(kept) > 5 and mapped_mb_of(small) > 5
-
-
-def mapped_mb_of(array) -> float:
-    """MB of this array's own mapping that the process has mapped (the mapping holding its data)."""
-    address, inside, total = array.__array_interface__["data"][0], False, 0
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                low, high = (int(x, 16) for x in head.split("-"))
-                inside = low <= address < high
-            elif inside and head == "Rss:":
-                total += int(line.split()[1])
-    return total / 1024

@@ -19,17 +19,18 @@ in-memory array again.
 Bounded footprint. A page of the file that a process has touched stays mapped
 in that process, and while no other process maps it, it counts in that
 process's unique memory (USS: `Private_Clean`), although it is page cache the
-kernel can drop at any time. A fault may map more than the page touched:
-Linux 6.x keeps files in large folios (up to 2 MiB on ext4, xfs, tmpfs) and
-maps a whole folio at once, so a task that reads 80 images of 21 KB can map
-80-160 MB. So that an epoch over a set of any size leaves every process's
-footprint bounded, an `MmapArray` counts an upper bound of what indexing may
-map (in granules of the PMD size, 2 MiB on x86-64), and once that passes
-`release_every` (64 MiB by default) it drops its process's mapping of the
-file (`madvise(MADV_DONTNEED)`, Linux): the data stays in the page cache,
-views stay valid, and a later touch is a minor page fault. Elsewhere (macOS,
-Windows) nothing is released and the operating system manages the mapping as
-usual.
+kernel can drop at any time; a fault may even map a whole large folio (up to
+2 MiB on Linux 6.x), so one task reading 80 images of 21 KB can map 7-160 MB.
+So that an epoch over a set of any size leaves every process's footprint
+bounded, indexing an `MmapArray` (gathers `images[rows]`, views
+`images[i]`, elements) counts an upper bound of what it may map, in granules
+of the PMD size (2 MiB on x86-64), and once that passes `release_every`
+(64 MiB by default) the process drops its mapping of the file with
+`madvise(MADV_DONTNEED)` (Linux): the data stays in the page cache, views
+stay valid, and a later touch is a minor page fault. A file no larger than
+`release_every` is never released. Elsewhere (macOS, Windows), and with
+`release_every=None`, nothing is released and the operating system manages
+the mapping as usual.
 
 The dataset readers (`metabatch.tasks.omniglot.load`,
 `metabatch.tasks.miniimagenet.load`, `metabatch.tasks.tieredimagenet.load`)
@@ -42,7 +43,6 @@ import mmap
 import os
 import sys
 import tempfile
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +60,6 @@ RELEASE_EVERY = 64 * 2**20
 #: page cache again) on Linux, as madvise(2) documents; elsewhere its meaning differs or it is missing.
 CAN_RELEASE = (sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise")
                and hasattr(mmap, "MADV_DONTNEED"))
-
-#: Integer-array gathers from a file larger than `release_every` read with `preadv` and map nothing.
-CAN_PREAD = CAN_RELEASE and hasattr(os, "preadv")
 
 _PAGE = mmap.PAGESIZE
 
@@ -89,15 +86,11 @@ class _Pager:
     their own copy, spawned workers build their own when they map the file again).
     """
 
-    __slots__ = ("__weakref__", "every", "fd", "map", "on", "pending", "releases")
+    __slots__ = ("every", "map", "on", "pending", "releases")
 
-    def __init__(self, map_: mmap.mmap, every: int | None, fd: int | None = None):
+    def __init__(self, map_: mmap.mmap, every: int | None):
         self.map, self.every, self.pending, self.releases = map_, every, 0, 0
         self.on = CAN_RELEASE and every is not None  # `every` travels with a pickle even where it is off
-        self.fd = None  # a descriptor of the mapped file, for gathers that map nothing
-        if fd is not None and self.on and CAN_PREAD and len(map_) > every:
-            self.fd = os.dup(fd)
-            weakref.finalize(self, os.close, self.fd)
 
     def charge(self, nbytes: int, *, read: bool) -> None:
         """Count `nbytes` of pages: just `read` (a copy; release once past `every`) or to be read (a view).
@@ -147,59 +140,6 @@ def _pages(shape: tuple, strides: tuple, itemsize: int) -> int:
     return blocks * (-(-block // _GRANULE) + 1) * _GRANULE
 
 
-def _gather(array: MmapArray, index, fd: int) -> np.ndarray | None:
-    """`array[index]` read from the file with `preadv` (no page of it gets mapped), or `None`.
-
-    Handles an index of integer arrays (and ints) on the leading axes of an array whose other axes are
-    C-contiguous: each selected block is one `preadv` into the result. Anything else (slices, masks,
-    out-of-bounds or mismatched indices, for numpy's own error) is `None`: numpy indexes the map.
-    """
-    parts = index if isinstance(index, tuple) else (index,)
-    if not parts or len(parts) > array.ndim:
-        return None
-    columns, arrays = [], 0
-    for part in parts:
-        if isinstance(part, (int, np.integer)) and not isinstance(part, (bool, np.bool_)):
-            columns.append(np.int64(part))
-            continue
-        if isinstance(part, list):
-            part = np.asarray(part)
-        if not isinstance(part, np.ndarray) or part.dtype.kind not in "iu":
-            return None
-        columns.append(part)
-        arrays += 1
-    if not arrays:  # ints only: an element or a view
-        return None
-    m, shape, strides = len(parts), array.shape, array.strides
-    block = array.itemsize
-    for n, stride in zip(reversed(shape[m:]), reversed(strides[m:])):
-        if n != 1 and stride != block:
-            return None
-        block *= n
-    try:
-        columns = np.broadcast_arrays(*columns)
-    except ValueError:
-        return None
-    offsets = np.full(columns[0].shape, array.__array_interface__["data"][0] - array._anchor, np.int64)
-    for column, n, stride in zip(columns, shape[:m], strides[:m]):
-        if column.size and (column.min() < -n or column.max() >= n):
-            return None
-        offsets += np.where(column < 0, column + n, column).astype(np.int64) * stride
-    out = np.empty(columns[0].shape + shape[m:], array.dtype)
-    if out.size == 0:
-        return out
-    rows = out.reshape(-1).view(np.uint8).reshape(-1, block)
-    for row, offset in zip(rows, offsets.ravel().tolist()):
-        done = os.preadv(fd, [row], offset)
-        while done < block:  # a short read (rare on regular files)
-            more = os.preadv(fd, [row[done:]], offset + done)
-            if more == 0:
-                raise OSError(f"the memory-mapped array's file {array.filename} ends before byte "
-                              f"{offset + block}: it was truncated while mapped.")
-            done += more
-    return out
-
-
 class MmapArray(np.memmap):
     """A read-only `numpy.memmap` of a `.npy` file that pickles as a reference to the file.
 
@@ -246,14 +186,10 @@ class MmapArray(np.memmap):
             self._anchor = self._ident = self._pager = None
 
     def __getitem__(self, index):
+        res = super().__getitem__(index)
         pager = self._pager
         if pager is not None and not pager.on:
             pager = None
-        if pager is not None and pager.fd is not None and self._anchor is not None:
-            res = _gather(self, index, pager.fd)
-            if res is not None:
-                return res
-        res = super().__getitem__(index)
         if isinstance(res, MmapArray) and res._mmap is not None:  # a view: counted now, read later
             if pager is not None:
                 pager.charge(_pages(res.shape, res.strides, res.itemsize), read=False)
@@ -343,7 +279,7 @@ def open_npy(path: str | os.PathLike, release_every: int | None = RELEASE_EVERY)
             return empty
         array = np.memmap.__new__(MmapArray, f, dtype=dtype, mode="r", offset=offset, shape=shape,
                                   order="F" if fortran else "C")
-        array._pager = _Pager(array._mmap, release_every, f.fileno())
+        array._pager = _Pager(array._mmap, release_every)
     array.filename = os.path.abspath(path)
     array._anchor = array.__array_interface__["data"][0] - offset
     array._ident = _ident(st)
@@ -366,7 +302,7 @@ def _reopen(filename: str, ident: tuple, dtype, shape: tuple, strides: tuple, po
                           f"{_ident(st)}); open it again in the main process (mmap_array(path), or the "
                           f"dataset's load()) and restart the loader.")
         whole = np.memmap.__new__(MmapArray, f, dtype=np.uint8, mode="r", offset=0, shape=(st.st_size,))
-        pager = _Pager(whole._mmap, release_every, f.fileno())
+        pager = _Pager(whole._mmap, release_every)
     array = np.ndarray.__new__(MmapArray, shape, dtype=dtype, buffer=whole._mmap, offset=position,
                                strides=strides)
     array._mmap, array.filename, array.offset, array.mode = whole._mmap, filename, whole.offset, "r"
@@ -408,27 +344,27 @@ def mmap_array(path: str | os.PathLike, data: np.ndarray | torch.Tensor | None =
     set larger than memory every task may read from disk: keep such files on
     an SSD.
 
-    Footprint: each process (the main one and every worker) keeps at most
-    about `release_every` bytes of the file mapped. Indexing (`images[rows]`,
-    `images[i]`, slices) counts an upper bound of the pages it reads or that
-    the view it returns spans; once the count would pass `release_every`,
-    the process drops its mapping of the file's pages with
-    `madvise(MADV_DONTNEED)` (Linux only; elsewhere nothing is released). The
-    data stays in the page cache, arrays and views stay valid, and touching a
-    page again is a minor page fault (no disk read while the page is
-    cached). Reads that do not index (`images.sum()`, `np.take(images, ...)`)
-    are not counted; what they mapped is dropped at the next release.
+    Footprint: each process (the main one and every worker) keeps about
+    `release_every` bytes of the file mapped at most, between indexing calls
+    (Linux). Indexing (`images[rows]`, `images[i]`, slices) counts an upper
+    bound of the pages it reads or that the view it returns spans (in 2 MiB
+    granules where the kernel maps large folios); once the count would pass
+    `release_every`, the process drops its mapping of the file's pages with
+    `madvise(MADV_DONTNEED)`. The data stays in the page cache, arrays and
+    views stay valid, and touching a page again is a minor page fault.
+    Reads that do not index (`images.sum()`, `np.take(images, ...)`) are
+    not counted; what they mapped goes at the next release.
 
     Args:
         path: the `.npy` file (conventionally named `*.npy`).
         data: a numpy array or CPU tensor of numbers to write to `path`
             first (an existing file is replaced); `None` (the default) opens
             `path` as it is.
-        release_every: bytes of the file's pages (64 MiB by default) a
-            process may touch through indexing before it drops its mapping of
-            them; `None`: never (the kernel drops them under memory pressure,
-            but until then they count in the process's unique memory).
-            Workers get the value with the array.
+        release_every: bytes of the file (64 MiB by default) a process may
+            keep mapped; `None`: no bound (a little faster when one process
+            re-reads a warm set; the pages a process touched count in its
+            unique memory until the kernel needs them). Workers get the value
+            with the array.
 
     Returns:
         A read-only `MmapArray` (a `numpy.memmap` subclass). An empty array
