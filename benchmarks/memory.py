@@ -623,6 +623,8 @@ def main():
     parser.add_argument("--data-dir", default="/tmp/metabatch-memory",
                         help="where the synthetic sets are written")
     parser.add_argument("--warm", action="store_true", help="do not evict the files from the page cache")
+    parser.add_argument("--in-memory-limit", type=float, default=None,
+                        help="GB the in-memory copies may take (default: 60 %% of RAM)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per cell")
     parser.add_argument("--startup-rounds", type=int, default=3, help="interpreter/import timings (0: skip)")
     parser.add_argument("--release-rounds", type=int, default=5,
@@ -665,9 +667,10 @@ def main():
                 copies = 1 + (args.workers if method != "fork" else 0)
                 need = copies * path.stat().st_size / 2**20
                 row = {"size": label, "method": method, "mode": mode}
-                if mode == "in-memory" and need > 0.6 * ram_mb:
-                    row["skipped"] = (f"{copies} copies need {need / 1024:.1f} GB of {ram_mb / 1024:.0f} GB "
-                                      f"RAM")
+                limit = 0.6 * ram_mb if args.in_memory_limit is None else args.in_memory_limit * 1024
+                if mode == "in-memory" and need > limit:
+                    row["skipped"] = (f"{copies} copies need {need / 1024:.1f} GB, over the limit of "
+                                      f"{limit / 1024:.1f} GB ({ram_mb / 1024:.0f} GB RAM)")
                     print(f"{label:>6} {method:>18} {mode:>9}: skipped ({row['skipped']})", flush=True)
                     cells.append(row)
                     continue
