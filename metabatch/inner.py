@@ -126,15 +126,25 @@ def _tree_map(fn, tree, *rests):
 
 
 def _rates_like(lr, grads, fn: str) -> list:
-    """One rate per leaf of ``grads`` (``None`` leaves included): broadcast a scalar or match a pytree."""
-    g_leaves, g_spec = optree.tree_flatten(grads, none_is_leaf=True)
+    """One rate per leaf of ``grads`` (``None`` leaves included): broadcast a scalar or match a pytree.
+
+    A pytree ``lr`` matches ``grads`` by structure, or else by path: every leaf with a gradient needs
+    a rate at the same path, and leaves without one (``None``) need none, so that a dict of rates
+    may leave out parameters that are never updated.
+    """
+    g_paths, g_leaves, g_spec = optree.tree_flatten_with_path(grads, none_is_leaf=True)
     if _is_scalar(lr):
         return [lr] * len(g_leaves)
-    r_leaves, r_spec = optree.tree_flatten(lr, none_is_leaf=True)
-    if r_spec != g_spec:
+    r_paths, r_leaves, r_spec = optree.tree_flatten_with_path(lr, none_is_leaf=True)
+    if r_spec == g_spec:
+        return r_leaves
+    by_path = dict(zip(r_paths, r_leaves))
+    missing = [p for p, g in zip(g_paths, g_leaves) if g is not None and p not in by_path]
+    if missing:
         raise TypeError(f"{fn}(): lr must be a number, a 0-d tensor, or a pytree with the structure of params "
-                        f"(one rate per parameter).\n  params: {g_spec}\n  lr:     {r_spec}")
-    return r_leaves
+                        f"(one rate per parameter); no rate for {['.'.join(map(str, p)) for p in missing]}."
+                        f"\n  params: {g_spec}\n  lr:     {r_spec}")
+    return [by_path.get(p) for p in g_paths]
 
 
 def _is_scalar(lr) -> bool:

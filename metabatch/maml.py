@@ -184,11 +184,6 @@ def _plan(fn: str, params, options: Options) -> _Plan:
         opt = _inner.Optimizer(*opt)
     else:
         lr = _validate.rate(_DEFAULT_LR if lr is None else lr, "lr", fn)
-        if not (isinstance(lr, float) or (isinstance(lr, torch.Tensor) and lr.dim() == 0)):
-            lr_spec = optree.tree_structure(lr)
-            if lr_spec != spec:
-                raise TypeError(f"{fn}(): lr must be a number, a scalar tensor, or a pytree with the structure "
-                                f"of params (Meta-SGD).\n  params: {spec}\n  lr:     {lr_spec}")
         opt = _inner.sgd(lr)
     stepwise = [False] * len(leaves) if options.per_step is None else _select(
         options.per_step, params, spec, fn, "per_step")
@@ -199,6 +194,12 @@ def _plan(fn: str, params, options: Options) -> _Plan:
                              f"a leading step dimension.")
     keep = [True] * len(leaves) if options.mask is None else _select(options.mask, params, spec, fn, "mask")
     keep = [k and not sw for k, sw in zip(keep, stepwise)]
+    if lr is not None and not (isinstance(lr, float) or (isinstance(lr, torch.Tensor) and lr.dim() == 0)):
+        lr_paths, _, lr_spec = optree.tree_flatten_with_path(lr)
+        if lr_spec != spec and not {p for p, k in zip(paths, keep) if k} <= set(lr_paths):
+            raise TypeError(f"{fn}(): lr must be a number, a scalar tensor, or a pytree with the structure "
+                            f"of params (Meta-SGD), with a rate for every parameter it adapts."
+                            f"\n  params: {spec}\n  lr:     {lr_spec}")
     if not any(keep) and steps > 0:
         raise ValueError(f"{fn}(): mask selects no parameter to adapt (per-step parameters are never adapted); "
                          f"names are {_paths(params)}.")
@@ -626,7 +627,7 @@ def reptile_grad(loss_fn: LossFn, params: PyTree, support: PyTree, *, steps: int
         batch_rules: as in [meta_loss][metabatch.maml.meta_loss].
 
     Returns:
-        A pytree like ``params`` of detached tensors (zero for per-step leaves).
+        A pytree like ``params`` of detached tensors (exactly zero for leaves that are not adapted).
 
     Raises:
         ValueError, TypeError: as [meta_loss][metabatch.maml.meta_loss].
@@ -653,7 +654,8 @@ def reptile_grad(loss_fn: LossFn, params: PyTree, support: PyTree, *, steps: int
 
     with torch.no_grad():
         adapted = _map_tasks(task, "reptile_grad", plan, (support,), key=plan.key)
-        return optree.tree_unflatten(plan.spec, [p - a.mean(0) for p, a in zip(plan.leaves, adapted)])
+        return optree.tree_unflatten(plan.spec, [p - a.mean(0) if k else torch.zeros_like(p)
+                                                 for p, a, k in zip(plan.leaves, adapted, plan.keep)])
 
 
 class Evaluation(NamedTuple):
