@@ -52,6 +52,7 @@ from typing import NamedTuple
 import optree
 import torch
 
+from . import _taskbatch as _batch
 from . import _validate
 from . import batching as _batching
 from . import inner as _inner
@@ -212,32 +213,6 @@ def _plan(fn: str, params, options: Options) -> _Plan:
                  chunk_size, options.randomness, options.key, batch_rules)
 
 
-def _num_tasks(fn: str, **batches) -> int:
-    """The shared leading task dimension of every leaf of every batch."""
-    sizes = {}
-    for name, batch in batches.items():
-        paths, leaves, _ = optree.tree_flatten_with_path(batch)
-        if not leaves:
-            raise ValueError(f"{fn}(): {name} has no tensors.")
-        for path, leaf in zip(paths, leaves):
-            where = name + "".join(f"[{k!r}]" for k in path)
-            if not isinstance(leaf, torch.Tensor):
-                raise TypeError(f"{fn}(): {where} must be a tensor with a leading task dimension, "
-                                f"got {type(leaf).__name__}.")
-            if leaf.dim() == 0:
-                raise ValueError(f"{fn}(): {where} is a scalar; every leaf needs a leading task dimension.")
-            sizes[where] = leaf.shape[0]
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"{fn}(): the leading (task) dimension differs between leaves: "
-                         + ", ".join(f"{k}: {v}" for k, v in sizes.items())
-                         + ". Stack the same number of tasks in support and query.")
-    n = next(iter(sizes.values()))
-    if n == 0:
-        raise ValueError(f"{fn}(): the batch holds no tasks (its leading task dimension is 0: "
-                         + ", ".join(f"{k}: {v}" for k, v in sizes.items()) + "); pass at least one task.")
-    return n
-
-
 def _step_weights(weights, steps: int, fn: str):
     """MAML++'s multi-step loss weights: ``steps`` finite numbers >= 0 (or a tensor of them)."""
     if isinstance(weights, torch.Tensor):
@@ -252,21 +227,6 @@ def _step_weights(weights, steps: int, fn: str):
         raise ValueError(f"{fn}(): step_weights must hold one weight per inner step ({steps}), got "
                          f"{len(weights)}: {list(weights)!r}.")
     return [_validate.number(w, f"step_weights[{i}]", fn, low=0.0) for i, w in enumerate(weights)]
-
-
-@contextlib.contextmanager
-def _seeded(key, tensors):
-    """Seed torch's generators from ``key`` for the duration, restoring their states after."""
-    if key is None:
-        yield
-        return
-    seed = _random.torch_generator(key).initial_seed()
-    cuda = sorted({t.device.index or 0 for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda})
-    with torch.random.fork_rng(devices=cuda):
-        torch.default_generator.manual_seed(seed)
-        for d in cuda:
-            torch.cuda.default_generators[d].manual_seed(seed)
-        yield
 
 
 # ------------------------------------------------------------------------------ core
@@ -416,7 +376,7 @@ def _map_tasks(task, fn_name, plan, batches, *, lr_leaves=None, key=None):
     """vmap ``task(leaves, *task_batches)`` over the task dimension of ``batches``."""
     leaves = plan.leaves if lr_leaves is None else lr_leaves
     in_dims = (None,) + (0,) * len(batches)
-    with _seeded(key, leaves + optree.tree_leaves(batches)), _batching.batching_rules(plan.batch_rules):
+    with _batch.seeded(key, leaves + optree.tree_leaves(batches)), _batching.batching_rules(plan.batch_rules):
         return torch.func.vmap(task, in_dims=in_dims, randomness=plan.randomness,
                                chunk_size=plan.chunk_size)(leaves, *batches)
 
@@ -502,7 +462,7 @@ def meta_loss(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *
     first_order = _validate.flag(first_order, "first_order", "meta_loss")
     remat = _validate.flag(remat, "remat", "meta_loss")
     weights = None if step_weights is None else _step_weights(step_weights, plan.steps, "meta_loss")
-    n_tasks = _num_tasks("meta_loss", support=support, query=query)
+    n_tasks = _batch.num_tasks("meta_loss", support=support, query=query)
 
     def query_loss(leaves, k, q):
         loss = loss_fn(_query_view(plan.spec, leaves, plan.stepwise, k), q)
@@ -647,7 +607,7 @@ def reptile_grad(loss_fn: LossFn, params: PyTree, support: PyTree, *, steps: int
     options = Options(steps, lr, inner, mask, per_step, chunk_size, randomness, key, batch_rules)
     params = optree.tree_map(torch.Tensor.detach, params)
     plan = _plan("reptile_grad", params, options)
-    _num_tasks("reptile_grad", support=support)
+    _batch.num_tasks("reptile_grad", support=support)
 
     def task(leaves, s):
         return _adapt_leaves(loss_fn, plan, leaves, plan.opt, s, True)
@@ -751,7 +711,7 @@ def evaluate(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *,
     plan = _plan("evaluate", params, options)
     if metric_fn is not None:
         _validate.callable_(metric_fn, "metric_fn", "evaluate")
-    _num_tasks("evaluate", support=support, query=query)
+    _batch.num_tasks("evaluate", support=support, query=query)
 
     def task(leaves, s, q):
         adapted = _query_view(plan.spec, _adapt_leaves(loss_fn, plan, leaves, plan.opt, s, True), plan.stepwise,
