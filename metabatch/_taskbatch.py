@@ -38,7 +38,7 @@ def num_tasks(fn: str, **batches) -> int:
 
 @contextlib.contextmanager
 def seeded(key, tensors):
-    """Seed torch's generators from ``key`` for the duration, restoring their states after."""
+    """Seed torch's generators from `key` for the duration, restoring their states after."""
     if key is None:
         yield
         return

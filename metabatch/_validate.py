@@ -164,7 +164,7 @@ def _is_number(value: Any) -> bool:
 
 
 def is_traced(t: torch.Tensor) -> bool:
-    """Whether ``t`` belongs to a ``torch.func`` transform or a trace, so that its values must not be read."""
+    """Whether `t` belongs to a `torch.func` transform or a trace, so that its values must not be read."""
     if torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.compiler.is_compiling():
         return True
     return type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
@@ -182,7 +182,7 @@ def rate(value: Any, name: str, fn: str) -> Any:
     """A learning rate: a number (Python or numpy; returned as a float), a tensor, or a pytree of them.
 
     Every number must be finite, and so must every entry of a concrete tensor (tensors inside
-    ``torch.func`` transforms or a ``torch.compile`` trace are not read). Tensors must be
+    `torch.func` transforms or a `torch.compile` trace are not read). Tensors must be
     floating-point.
 
     Raises:

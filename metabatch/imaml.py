@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import optree
@@ -75,7 +76,7 @@ def _safe_div(num, den):
     return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(den))
 
 
-def conjugate_gradient(matvec, b: list, steps: int, *, batched: bool = False) -> list:
+def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, *, batched: bool = False) -> list:
     """`steps` iterations of conjugate gradient for `A x = b` from `x = 0`, over lists of tensors.
 
     `matvec(v) -> A v` for a symmetric positive-definite `A`. The iterations are a fixed number
@@ -136,11 +137,11 @@ def meta_grad(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *
         lam: the proximal regularisation λ > 0.
         steps: inner steps per task.
         lr: plain SGD's inner learning rate (`None`: 0.01 unless `inner` is given).
-        inner: an inner-loop optimizer of [metabatch.inner][] for the proximal problem.
+        inner: an inner-loop optimizer of `metabatch.inner` for the proximal problem.
         cg_steps: conjugate-gradient iterations, >= 1.
         chunk_size: vmap at most this many tasks at a time.
         randomness: `vmap`'s randomness for random ops in `loss_fn`.
-        key: a [metabatch.random][] key seeding random ops.
+        key: a `metabatch.random` key seeding random ops.
         batch_rules: use [metabatch.batching.batching_rules][].
 
     Returns:

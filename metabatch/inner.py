@@ -1,42 +1,42 @@
-"""Differentiable inner-loop optimizers: pure ``(init, update)`` pairs over pytrees.
+"""Differentiable inner-loop optimizers: pure `(init, update)` pairs over pytrees.
 
-An :class:`Optimizer` has the shape of an optax ``GradientTransformation``: a
+An :class:`Optimizer` has the shape of an optax `GradientTransformation`: a
 NamedTuple of two pure functions,
 
-* ``init(params) -> state``: the optimizer state for a pytree of parameters;
-* ``update(grads, state, params=None) -> (updates, state)``: the updates to add to
+* `init(params) -> state`: the optimizer state for a pytree of parameters;
+* `update(grads, state, params=None) -> (updates, state)`: the updates to add to
   the parameters (:func:`apply_updates`) and the next state.
 
-Nothing is mutated and no ``.grad`` is read: everything is a tensor expression
+Nothing is mutated and no `.grad` is read: everything is a tensor expression
 of its inputs, so the inner loop of [metabatch.maml.meta_loss][] differentiates
-through it (second-order MAML through momentum or Adam), ``torch.func.vmap``
-maps it over tasks, and ``torch.compile`` traces it. States are NamedTuples
-rebuilt at every step; their ``count`` is a Python int (the number of updates
+through it (second-order MAML through momentum or Adam), `torch.func.vmap`
+maps it over tasks, and `torch.compile` traces it. States are NamedTuples
+rebuilt at every step; their `count` is a Python int (the number of updates
 taken), so bias corrections and per-step rates are ordinary Python numbers.
 
-A ``None`` leaf in ``grads`` (a parameter that is not adapted, e.g. by
-``maml``'s ``mask``) gets a ``None`` update and keeps no state, as
-``torch.optim`` skips parameters whose ``.grad`` is ``None``.
+A `None` leaf in `grads` (a parameter that is not adapted, e.g. by
+`maml`'s `mask`) gets a `None` update and keeps no state, as
+`torch.optim` skips parameters whose `.grad` is `None`.
 
 Rules:
 
-* :func:`sgd`: ``φ ← φ − lr·g`` (the rule of MAML and, with a pytree ``lr``, Meta-SGD);
-* :func:`momentum`: ``torch.optim.SGD(momentum=μ, nesterov=...)``'s update;
-* :func:`adam`: ``torch.optim.Adam``'s (and optax's) update, ``lr·m̂/(√v̂ + eps)``;
+* :func:`sgd`: `φ ← φ − lr·g` (the rule of MAML and, with a pytree `lr`, Meta-SGD);
+* :func:`momentum`: `torch.optim.SGD(momentum=μ, nesterov=...)`'s update;
+* :func:`adam`: `torch.optim.Adam`'s (and optax's) update, `lr·m̂/(√v̂ + eps)`;
 * :func:`lslr`: SGD with a learned rate per parameter tensor and per inner step (MAML++).
 
 Learning rates are numbers, 0-d tensors, or pytrees like the parameters (one rate per
 leaf, broadcastable to it). Tensors that require grad receive the meta-gradient:
 build the optimizer where those tensors are in scope (inside the function that
-``torch.func.grad`` differentiates, when you use it).
+`torch.func.grad` differentiates, when you use it).
 
-Adam at a zero second moment: ``√v`` has an infinite derivative at ``v = 0``, and
+Adam at a zero second moment: `√v` has an infinite derivative at `v = 0`, and
 an inner gradient entry that is exactly 0 (a dead ReLU unit; ~40 % of an MLP's
-first inner gradient can be) gives ``v = 0`` there and ``0 · ∞ = NaN`` in the
+first inner gradient can be) gives `v = 0` there and `0 · ∞ = NaN` in the
 meta-gradient. :func:`adam` uses a square root whose derivative at 0 is 0 —
-a subgradient of ``√((1-β₂)·g²) ∝ |g|`` at ``g = 0`` — so the meta-gradient stays
-finite; where ``v > 0`` it is the ordinary derivative. higher's differentiable Adam
-does the same (it masks the gradient into ``v`` where ``v == 0``).
+a subgradient of `√((1-β₂)·g²) ∝ |g|` at `g = 0` — so the meta-gradient stays
+finite; where `v > 0` it is the ordinary derivative. higher's differentiable Adam
+does the same (it masks the gradient into `v` where `v == 0`).
 
 Example:
     >>> import torch
@@ -69,11 +69,11 @@ __all__ = ["AdamState", "MomentumState", "Optimizer", "SgdState", "adam", "apply
 
 
 class Optimizer(NamedTuple):
-    """An inner-loop update rule: two pure functions (optax's ``GradientTransformation`` shape).
+    """An inner-loop update rule: two pure functions (optax's `GradientTransformation` shape).
 
     Attributes:
-        init: ``init(params) -> state``.
-        update: ``update(grads, state, params=None) -> (updates, state)``; add the updates
+        init: `init(params) -> state`.
+        update: `update(grads, state, params=None) -> (updates, state)`; add the updates
             to the parameters with :func:`apply_updates`.
     """
 
@@ -96,7 +96,7 @@ class MomentumState(NamedTuple):
 
     Attributes:
         count: updates taken so far (a Python int).
-        trace: the momentum buffer, a pytree like the parameters (``None`` before the first
+        trace: the momentum buffer, a pytree like the parameters (`None` before the first
             update and for leaves that are not updated).
     """
 
@@ -126,10 +126,10 @@ def _tree_map(fn, tree, *rests):
 
 
 def _rates_like(lr, grads, fn: str) -> list:
-    """One rate per leaf of ``grads`` (``None`` leaves included): broadcast a scalar or match a pytree.
+    """One rate per leaf of `grads` (`None` leaves included): broadcast a scalar or match a pytree.
 
-    A pytree ``lr`` matches ``grads`` by structure, or else by path: every leaf with a gradient needs
-    a rate at the same path, and leaves without one (``None``) need none, so that a dict of rates
+    A pytree `lr` matches `grads` by structure, or else by path: every leaf with a gradient needs
+    a rate at the same path, and leaves without one (`None`) need none, so that a dict of rates
     may leave out parameters that are never updated.
     """
     g_paths, g_leaves, g_spec = optree.tree_flatten_with_path(grads, none_is_leaf=True)
@@ -152,20 +152,20 @@ def _is_scalar(lr) -> bool:
 
 
 def _sqrt(v: torch.Tensor) -> torch.Tensor:
-    """``√v`` with derivative 0 (not ∞) at ``v == 0``; composable with every ``torch.func`` transform."""
+    """`√v` with derivative 0 (not ∞) at `v == 0`; composable with every `torch.func` transform."""
     pos = v > 0
     return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
-    """``params + updates`` leaf by leaf; a ``None`` update leaves its parameter as it is (the same tensor).
+    """`params + updates` leaf by leaf; a `None` update leaves its parameter as it is (the same tensor).
 
     Args:
         params: a pytree of tensors.
-        updates: a pytree like ``params`` (``None`` where nothing changes), from an optimizer's ``update``.
+        updates: a pytree like `params` (`None` where nothing changes), from an optimizer's `update`.
 
     Returns:
-        A pytree like ``params``.
+        A pytree like `params`.
 
     Examples:
         >>> import torch
@@ -181,7 +181,7 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
 
 
 def sgd(lr: Rate) -> Optimizer:
-    """Plain gradient descent, ``φ ← φ − lr · g``: MAML's inner rule (and Meta-SGD's with a pytree ``lr``).
+    """Plain gradient descent, `φ ← φ − lr · g`: MAML's inner rule (and Meta-SGD's with a pytree `lr`).
 
     Args:
         lr: a number, a 0-d tensor, or a pytree like the parameters (per-parameter rates, Meta-SGD);
@@ -191,8 +191,8 @@ def sgd(lr: Rate) -> Optimizer:
         An [Optimizer][metabatch.inner.Optimizer] with state [SgdState][metabatch.inner.SgdState].
 
     Raises:
-        ValueError: ``lr`` (or a concrete tensor leaf of it) is not finite.
-        TypeError: ``lr`` is not a number, a tensor or a pytree of them; (in ``update``) its structure
+        ValueError: `lr` (or a concrete tensor leaf of it) is not finite.
+        TypeError: `lr` is not a number, a tensor or a pytree of them; (in `update`) its structure
             differs from the parameters'.
 
     Examples:
@@ -218,10 +218,10 @@ def sgd(lr: Rate) -> Optimizer:
 
 
 def momentum(lr: Rate, momentum: float = 0.9, nesterov: bool = False) -> Optimizer:
-    """Heavy-ball momentum, ``torch.optim.SGD(lr, momentum=μ, nesterov=...)``'s update (no dampening).
+    """Heavy-ball momentum, `torch.optim.SGD(lr, momentum=μ, nesterov=...)`'s update (no dampening).
 
-    ``b ← μ·b + g`` (``b = g`` at the first step), then ``φ ← φ − lr·b``, or with
-    ``nesterov``, ``φ ← φ − lr·(g + μ·b)``. Same as optax's ``sgd(lr, momentum, nesterov)``.
+    `b ← μ·b + g` (`b = g` at the first step), then `φ ← φ − lr·b`, or with
+    `nesterov`, `φ ← φ − lr·(g + μ·b)`. Same as optax's `sgd(lr, momentum, nesterov)`.
 
     Args:
         lr: a number, a 0-d tensor, or a pytree like the parameters; tensors may require grad.
@@ -232,7 +232,7 @@ def momentum(lr: Rate, momentum: float = 0.9, nesterov: bool = False) -> Optimiz
         An [Optimizer][metabatch.inner.Optimizer] with state [MomentumState][metabatch.inner.MomentumState].
 
     Raises:
-        ValueError: a non-finite ``lr``, a negative or non-finite ``momentum``.
+        ValueError: a non-finite `lr`, a negative or non-finite `momentum`.
         TypeError: arguments of the wrong type.
 
     Examples:
@@ -278,27 +278,27 @@ def momentum(lr: Rate, momentum: float = 0.9, nesterov: bool = False) -> Optimiz
 
 
 def adam(lr: Rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Optimizer:
-    """Adam, ``torch.optim.Adam``'s documented update (and optax's): ``φ ← φ − lr · m̂ / (√v̂ + eps)``.
+    """Adam, `torch.optim.Adam`'s documented update (and optax's): `φ ← φ − lr · m̂ / (√v̂ + eps)`.
 
-    ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``, ``m̂ = m/(1−β₁ᵗ)``, ``v̂ = v/(1−β₂ᵗ)``
-    at step ``t = 1, 2, ...``. The square root has derivative 0 at ``v = 0`` (see the module
+    `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`, `m̂ = m/(1−β₁ᵗ)`, `v̂ = v/(1−β₂ᵗ)`
+    at step `t = 1, 2, ...`. The square root has derivative 0 at `v = 0` (see the module
     docstring), so dead units do not turn the meta-gradient into NaN.
 
     higher 0.2.1's differentiable Adam (torch 1.0's form) computes
-    ``lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + eps)``: the same only with its ``eps`` replaced at every step
-    by ``eps·√(1−β₂ᵗ)``.
+    `lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + eps)`: the same only with its `eps` replaced at every step
+    by `eps·√(1−β₂ᵗ)`.
 
     Args:
         lr: a number, a 0-d tensor, or a pytree like the parameters; tensors may require grad.
         b1: β₁ in [0, 1).
         b2: β₂ in [0, 1).
-        eps: added to ``√v̂``; ≥ 0.
+        eps: added to `√v̂`; ≥ 0.
 
     Returns:
         An [Optimizer][metabatch.inner.Optimizer] with state [AdamState][metabatch.inner.AdamState].
 
     Raises:
-        ValueError: a non-finite ``lr``; ``b1``, ``b2`` outside [0, 1); a negative ``eps``.
+        ValueError: a non-finite `lr`; `b1`, `b2` outside [0, 1); a negative `eps`.
         TypeError: arguments of the wrong type.
 
     Examples:
@@ -356,21 +356,21 @@ def adam(lr: Rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Opt
 def lslr(rates: PyTree) -> Optimizer:
     """SGD with a learned rate per parameter tensor and per inner step (LSLR, MAML++).
 
-    At inner step ``s`` (0, 1, ...), leaf ``k`` moves by ``−rates[k][s] · g``; steps past the
-    last rate reuse it (``rates[k][-1]``), so evaluation may take more steps than training.
+    At inner step `s` (0, 1, ...), leaf `k` moves by `−rates[k][s] · g`; steps past the
+    last rate reuse it (`rates[k][-1]`), so evaluation may take more steps than training.
     Make the rates with [lslr_rates][metabatch.inner.lslr_rates] and give them to the outer
     optimizer.
 
     Args:
         rates: a pytree like the parameters whose leaves have a leading step dimension: shape
-            ``[S]`` (one rate per tensor and step, as in MAML++) or ``[S, *param.shape]`` (one per
+            `[S]` (one rate per tensor and step, as in MAML++) or `[S, *param.shape]` (one per
             entry and step).
 
     Returns:
         An [Optimizer][metabatch.inner.Optimizer] with state [SgdState][metabatch.inner.SgdState].
 
     Raises:
-        TypeError: a leaf is not a tensor with at least one dimension; (in ``update``) the structure
+        TypeError: a leaf is not a tensor with at least one dimension; (in `update`) the structure
             differs from the parameters'.
         ValueError: a leaf has no steps, or NaN or infinite entries.
 
@@ -386,7 +386,7 @@ def lslr(rates: PyTree) -> Optimizer:
         >>> p["w"]                      # -0.5, then -0.25 twice
         tensor(-1.)
     """
-    paths, leaves, spec = optree.tree_flatten_with_path(rates)
+    paths, leaves, _ = optree.tree_flatten_with_path(rates)
     if not leaves:
         raise TypeError(f"lslr(): rates must be a pytree of tensors like the parameters, got {rates!r}.")
     for path, leaf in zip(paths, leaves):
@@ -413,20 +413,20 @@ def lslr(rates: PyTree) -> Optimizer:
 
 
 def lslr_rates(params: PyTree, steps: int, lr: float, *, per_entry: bool = False) -> PyTree:
-    """Initial LSLR rates for [lslr][metabatch.inner.lslr]: new leaf tensors filled with ``lr``, requiring grad.
+    """Initial LSLR rates for [lslr][metabatch.inner.lslr]: new leaf tensors filled with `lr`, requiring grad.
 
     Args:
         params: the parameters (a pytree of tensors); their dtypes and devices are used.
         steps: inner steps S (the leading dimension of every rate).
         lr: the initial rate.
-        per_entry: one rate per parameter entry and step (``[S, *shape]``) instead of one per
-            tensor and step (``[S]``, MAML++).
+        per_entry: one rate per parameter entry and step (`[S, *shape]`) instead of one per
+            tensor and step (`[S]`, MAML++).
 
     Returns:
-        A pytree like ``params``; pass its leaves to the outer optimizer.
+        A pytree like `params`; pass its leaves to the outer optimizer.
 
     Raises:
-        TypeError, ValueError: for a bad ``steps`` or ``lr``.
+        TypeError, ValueError: for a bad `steps` or `lr`.
 
     Examples:
         >>> import torch

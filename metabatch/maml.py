@@ -1,22 +1,22 @@
-"""The MAML family as pure functions on ``torch.func``.
+"""The MAML family as pure functions on `torch.func`.
 
-A task's loss is a function ``loss_fn(params, data) -> scalar`` of any pytree
-of parameters (e.g. ``metabatch.nn.params(model)``) and one task's data. The
-inner loop [adapt][metabatch.maml.adapt] takes ``steps`` gradient steps on a
-task's support set with ``torch.func.grad``; [meta_loss][metabatch.maml.meta_loss]
-maps it with ``torch.func.vmap`` over the leading task dimension of a batch and
+A task's loss is a function `loss_fn(params, data) -> scalar` of any pytree
+of parameters (e.g. `metabatch.nn.params(model)`) and one task's data. The
+inner loop [adapt][metabatch.maml.adapt] takes `steps` gradient steps on a
+task's support set with `torch.func.grad`; [meta_loss][metabatch.maml.meta_loss]
+maps it with `torch.func.vmap` over the leading task dimension of a batch and
 returns the mean query loss, differentiable by ordinary autograd
-(``loss.backward()``) and by ``torch.func.grad`` alike. Variants are options,
+(`loss.backward()`) and by `torch.func.grad` alike. Variants are options,
 not classes:
 
-* ``first_order=True``: first-order MAML (the inner gradient is a constant);
-* ``lr`` a pytree like ``params``: Meta-SGD (learned per-parameter rates);
-* ``inner``: any inner-loop optimizer of [metabatch.inner][] (momentum, Adam,
+* `first_order=True`: first-order MAML (the inner gradient is a constant);
+* `lr` a pytree like `params`: Meta-SGD (learned per-parameter rates);
+* `inner`: any inner-loop optimizer of `metabatch.inner` (momentum, Adam,
   MAML++'s per-step rates);
-* ``mask``: ANIL and friends (adapt only some parameters);
-* ``per_step``: parameters with one entry per inner step (MAML++'s per-step batch norm);
-* ``step_weights``: the multi-step loss of MAML++;
-* [reptile_grad][metabatch.maml.reptile_grad]: the Reptile meta-gradient, for any ``torch.optim``;
+* `mask`: ANIL and friends (adapt only some parameters);
+* `per_step`: parameters with one entry per inner step (MAML++'s per-step batch norm);
+* `step_weights`: the multi-step loss of MAML++;
+* [reptile_grad][metabatch.maml.reptile_grad]: the Reptile meta-gradient, for any `torch.optim`;
 * [evaluate][metabatch.maml.evaluate]: adapt with more steps, per-task loss and metric, mean ± 95 % CI.
 
 The options shared by [meta_loss][metabatch.maml.meta_loss],
@@ -25,7 +25,7 @@ are the fields of [Options][metabatch.maml.Options].
 
 Batch norm, layer norm, instance norm, convolutions and max-pooling inside the
 vmapped tasks go through [metabatch.batching.batching_rules][] (exact
-second-order gradients, faster convolutions; see ``docs/sharp-bits.md``).
+second-order gradients, faster convolutions; see `docs/sharp-bits.md`).
 
 Example:
     >>> import torch, metabatch as mb
@@ -70,26 +70,26 @@ class Options(NamedTuple):
     """The inner-loop options that [meta_loss][metabatch.maml.meta_loss],
     [reptile_grad][metabatch.maml.reptile_grad] and [evaluate][metabatch.maml.evaluate] share.
 
-    Each function takes them as keywords (their defaults for ``steps`` differ: 1, 5 and 10);
-    an ``Options`` value passes the same set to all three with ``**options._asdict()``.
+    Each function takes them as keywords (their defaults for `steps` differ: 1, 5 and 10);
+    an `Options` value passes the same set to all three with `**options._asdict()`.
 
     Attributes:
         steps: inner steps per task.
         lr: inner learning rate of plain SGD: a number, a 0-d tensor, or a pytree like
-            ``params`` (Meta-SGD). ``None``: 0.01, or the rate that ``inner`` carries.
-        inner: an inner-loop optimizer ([metabatch.inner.Optimizer][]); ``None`` is
-            ``metabatch.inner.sgd(lr)``. It carries its own learning rate: giving both
-            ``lr`` and ``inner`` is a TypeError.
-        mask: which parameters to adapt (ANIL): ``None`` for all, a predicate on the dotted
-            parameter name, or a pytree of bools like ``params``.
+            `params` (Meta-SGD). `None`: 0.01, or the rate that `inner` carries.
+        inner: an inner-loop optimizer ([metabatch.inner.Optimizer][]); `None` is
+            `metabatch.inner.sgd(lr)`. It carries its own learning rate: giving both
+            `lr` and `inner` is a TypeError.
+        mask: which parameters to adapt (ANIL): `None` for all, a predicate on the dotted
+            parameter name, or a pytree of bools like `params`.
         per_step: which parameters hold one entry per inner step (MAML++'s per-step batch-norm
-            weights, biases and statistics): same forms as ``mask``, ``None`` for none. The support
-            pass of inner step ``s`` sees ``leaf[s]``, the query pass after ``k`` steps sees
-            ``leaf[k - 1]`` (``leaf[0]`` when ``k = 0``); indices past the end use the last entry.
+            weights, biases and statistics): same forms as `mask`, `None` for none. The support
+            pass of inner step `s` sees `leaf[s]`, the query pass after `k` steps sees
+            `leaf[k - 1]` (`leaf[0]` when `k = 0`); indices past the end use the last entry.
             These leaves are never adapted in the inner loop.
         chunk_size: vmap at most this many tasks at a time.
-        randomness: ``vmap``'s randomness for random ops in ``loss_fn``.
-        key: a [metabatch.random][] key seeding random ops, or ``None``.
+        randomness: `vmap`'s randomness for random ops in `loss_fn`.
+        key: a `metabatch.random` key seeding random ops, or `None`.
         batch_rules: use [metabatch.batching.batching_rules][].
 
     Examples:
@@ -115,12 +115,12 @@ class Options(NamedTuple):
 
 
 class _Plan(NamedTuple):
-    """Validated options, resolved against ``params``."""
+    """Validated options, resolved against `params`."""
 
     spec: optree.PyTreeSpec
     leaves: list
     opt: _inner.Optimizer
-    lr: object  # the validated lr (None when ``inner`` was given)
+    lr: object  # the validated lr (None when `inner` was given)
     keep: list   # adapted leaves
     stepwise: list  # per-step leaves
     steps: int
@@ -214,7 +214,7 @@ def _plan(fn: str, params, options: Options) -> _Plan:
 
 
 def _step_weights(weights, steps: int, fn: str):
-    """MAML++'s multi-step loss weights: ``steps`` finite numbers >= 0 (or a tensor of them)."""
+    """MAML++'s multi-step loss weights: `steps` finite numbers >= 0 (or a tensor of them)."""
     if isinstance(weights, torch.Tensor):
         if weights.shape != (steps,):
             raise ValueError(f"{fn}(): step_weights must hold one weight per inner step ({steps}), got shape "
@@ -233,17 +233,17 @@ def _step_weights(weights, steps: int, fn: str):
 
 
 def _at_step(leaves, stepwise, s: int) -> list:
-    """The leaves seen at inner step ``s``: per-step leaves indexed (clamped to their last entry)."""
+    """The leaves seen at inner step `s`: per-step leaves indexed (clamped to their last entry)."""
     return [leaf[min(s, leaf.shape[0] - 1)] if sw else leaf for leaf, sw in zip(leaves, stepwise)]
 
 
 def _query_view(spec, leaves, stepwise, k: int):
-    """The parameters the query pass sees after ``k`` inner steps."""
+    """The parameters the query pass sees after `k` inner steps."""
     return optree.tree_unflatten(spec, _at_step(leaves, stepwise, max(k - 1, 0)))
 
 
 def _trajectory(loss_fn, spec, leaves, opt, keep, stepwise, data, steps, first_order):
-    """Yield the leaves after each of ``steps`` inner updates; fixed leaves stay the caller's tensors."""
+    """Yield the leaves after each of `steps` inner updates; fixed leaves stay the caller's tensors."""
     idx = [i for i, k in enumerate(keep) if k]
 
     def inner_loss(moving, leaves, data, s):
@@ -281,35 +281,35 @@ def _adapt_leaves(loss_fn, plan, leaves, opt, data, first_order):
 def adapt(loss_fn: LossFn, params: PyTree, support: PyTree, *, steps: int = 1, lr: Rate | None = None,
           inner: _inner.Optimizer | None = None, first_order: bool = False, mask: Mask = None,
           per_step: Mask = None) -> PyTree:
-    """Adapt ``params`` to one task: ``steps`` inner-optimizer steps on its support set.
+    """Adapt `params` to one task: `steps` inner-optimizer steps on its support set.
 
-    With the default plain SGD, ``φ ← φ − lr · ∇φ loss_fn(φ, support)``, starting from ``φ = params``,
-    with ``torch.func.grad``; with ``inner``, the updates of that optimizer
-    ([metabatch.inner][]). The result stays differentiable with respect to ``params`` (and
-    tensor learning rates) unless ``first_order`` is set.
+    With the default plain SGD, `φ ← φ − lr · ∇φ loss_fn(φ, support)`, starting from `φ = params`,
+    with `torch.func.grad`; with `inner`, the updates of that optimizer
+    (`metabatch.inner`). The result stays differentiable with respect to `params` (and
+    tensor learning rates) unless `first_order` is set.
 
     Args:
-        loss_fn: ``loss_fn(params, data) -> scalar tensor`` for one task.
-        params: a pytree of tensors (e.g. ``metabatch.nn.params(model)``); not modified.
-        support: one task's data, passed to ``loss_fn`` as is.
-        steps: number of inner steps (0 returns ``params``' leaves unchanged).
-        lr: learning rate of plain SGD: a number, a 0-d tensor, or a pytree like ``params``
-            (Meta-SGD: per-parameter rates, tensors that may require grad). ``None``: 0.01.
-        inner: an inner-loop optimizer, e.g. ``metabatch.inner.adam(1e-3)``; not with ``lr``.
+        loss_fn: `loss_fn(params, data) -> scalar tensor` for one task.
+        params: a pytree of tensors (e.g. `metabatch.nn.params(model)`); not modified.
+        support: one task's data, passed to `loss_fn` as is.
+        steps: number of inner steps (0 returns `params`' leaves unchanged).
+        lr: learning rate of plain SGD: a number, a 0-d tensor, or a pytree like `params`
+            (Meta-SGD: per-parameter rates, tensors that may require grad). `None`: 0.01.
+        inner: an inner-loop optimizer, e.g. `metabatch.inner.adam(1e-3)`; not with `lr`.
         first_order: treat the inner gradients as constants (FOMAML).
-        mask: which parameters to adapt (ANIL): ``None`` for all, a predicate on
-            the dotted parameter name (``lambda name: name.startswith("head.")``),
-            or a pytree of bools like ``params``. The others stay fixed.
+        mask: which parameters to adapt (ANIL): `None` for all, a predicate on
+            the dotted parameter name (`lambda name: name.startswith("head.")`),
+            or a pytree of bools like `params`. The others stay fixed.
         per_step: parameters with a leading step dimension (see [Options][metabatch.maml.Options]).
 
     Returns:
-        The adapted parameters, a pytree like ``params``, ready for the query pass: per-step
-        leaves are given at the query's index (``leaf[steps - 1]``).
+        The adapted parameters, a pytree like `params`, ready for the query pass: per-step
+        leaves are given at the query's index (`leaf[steps - 1]`).
 
     Raises:
-        ValueError: for a negative ``steps``, a non-finite ``lr``, a mask selecting nothing.
-        TypeError: for a non-int ``steps``; when ``lr``, ``mask`` or ``per_step`` is a pytree whose
-            structure differs from ``params``; for both ``lr`` and ``inner``; for an integer leaf to adapt.
+        ValueError: for a negative `steps`, a non-finite `lr`, a mask selecting nothing.
+        TypeError: for a non-int `steps`; when `lr`, `mask` or `per_step` is a pytree whose
+            structure differs from `params`; for both `lr` and `inner`; for an integer leaf to adapt.
 
     Examples:
         >>> import torch
@@ -328,11 +328,11 @@ def adapt(loss_fn: LossFn, params: PyTree, support: PyTree, *, steps: int = 1, l
 
 
 def select_step(params: PyTree, step: int, per_step: Mask) -> PyTree:
-    """``params`` as inner step ``step`` sees them: each per-step leaf replaced by ``leaf[step]``.
+    """`params` as inner step `step` sees them: each per-step leaf replaced by `leaf[step]`.
 
-    Indices past the end use the last entry. The support pass of inner step ``s`` sees
-    ``select_step(φ_s, s, per_step)``; the query pass after ``k ≥ 1`` steps sees
-    ``select_step(φ_k, k - 1, per_step)`` (MAML++'s convention).
+    Indices past the end use the last entry. The support pass of inner step `s` sees
+    `select_step(φ_s, s, per_step)`; the query pass after `k ≥ 1` steps sees
+    `select_step(φ_k, k - 1, per_step)` (MAML++'s convention).
 
     Args:
         params: a pytree of tensors.
@@ -340,7 +340,7 @@ def select_step(params: PyTree, step: int, per_step: Mask) -> PyTree:
         per_step: which leaves have a leading step dimension (see [Options][metabatch.maml.Options]).
 
     Returns:
-        A pytree like ``params``.
+        A pytree like `params`.
 
     Examples:
         >>> import torch
@@ -373,7 +373,7 @@ def _captured(opt) -> list[torch.Tensor]:
 
 
 def _map_tasks(task, fn_name, plan, batches, *, lr_leaves=None, key=None):
-    """vmap ``task(leaves, *task_batches)`` over the task dimension of ``batches``."""
+    """vmap `task(leaves, *task_batches)` over the task dimension of `batches`."""
     leaves = plan.leaves if lr_leaves is None else lr_leaves
     in_dims = (None,) + (0,) * len(batches)
     with _batch.seeded(key, leaves + optree.tree_leaves(batches)), _batching.batching_rules(plan.batch_rules):
@@ -388,59 +388,59 @@ def meta_loss(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *
               batch_rules: bool = True, remat: bool = False) -> torch.Tensor:
     """The MAML meta-objective of a batch of tasks: mean query loss after adapting on the support.
 
-    For each task ``t`` (the leading dimension of every leaf of ``support`` and
-    ``query``), ``φ_t = adapt(loss_fn, params, support[t], ...)`` and the result
-    is ``mean_t loss_fn(φ_t, query[t])``, computed with ``torch.func.vmap`` over
-    the tasks. Back-propagate it with ``loss.backward()`` into ``nn.Parameter``
-    leaves (then step any ``torch.optim`` optimizer), or differentiate it with
-    ``torch.func.grad``. Gradients also reach ``lr`` when it holds tensors
-    that require grad (Meta-SGD), and the tensors ``inner`` was built with (learned rates).
+    For each task `t` (the leading dimension of every leaf of `support` and
+    `query`), `φ_t = adapt(loss_fn, params, support[t], ...)` and the result
+    is `mean_t loss_fn(φ_t, query[t])`, computed with `torch.func.vmap` over
+    the tasks. Back-propagate it with `loss.backward()` into `nn.Parameter`
+    leaves (then step any `torch.optim` optimizer), or differentiate it with
+    `torch.func.grad`. Gradients also reach `lr` when it holds tensors
+    that require grad (Meta-SGD), and the tensors `inner` was built with (learned rates).
 
     Args:
-        loss_fn: ``loss_fn(params, data) -> scalar tensor`` for one task.
+        loss_fn: `loss_fn(params, data) -> scalar tensor` for one task.
         params: a pytree of tensors; not modified.
-        support: a pytree of tensors with a leading task dimension ``T``.
+        support: a pytree of tensors with a leading task dimension `T`.
         query: a pytree of tensors with the same leading task dimension.
         steps: inner steps per task.
-        lr: plain SGD's inner learning rate: a number, a 0-d tensor, or a pytree like ``params``
-            (Meta-SGD). ``None``: 0.01 (unless ``inner`` is given).
-        inner: an inner-loop optimizer of [metabatch.inner][] (``momentum``, ``adam``, ``lslr``);
-            ``None`` is plain SGD with ``lr``. Giving both ``lr`` and ``inner`` is a TypeError:
+        lr: plain SGD's inner learning rate: a number, a 0-d tensor, or a pytree like `params`
+            (Meta-SGD). `None`: 0.01 (unless `inner` is given).
+        inner: an inner-loop optimizer of `metabatch.inner` (`momentum`, `adam`, `lslr`);
+            `None` is plain SGD with `lr`. Giving both `lr` and `inner` is a TypeError:
             the optimizer carries its own rate.
         first_order: first-order MAML (no second-order terms).
         mask: which parameters to adapt (ANIL); see [adapt][metabatch.maml.adapt].
         per_step: parameters with one entry per inner step; see [Options][metabatch.maml.Options].
-        step_weights: MAML++'s multi-step loss: one weight per inner step ``k = 1..steps``; the
-            task's loss is then ``Σ_k w_k · loss_fn(φ_k, query)``, the query loss after every
-            step (steps of weight 0 cost nothing). ``None``: the query loss after the last step
-            only. ``metabatch.mamlpp.step_weights`` gives MAML++'s annealed weights.
-        chunk_size: vmap at most this many tasks at a time (``torch.func.vmap``'s
-            ``chunk_size``): less memory; on CPU, activations above glibc's 32 MB
+        step_weights: MAML++'s multi-step loss: one weight per inner step `k = 1..steps`; the
+            task's loss is then `Σ_k w_k · loss_fn(φ_k, query)`, the query loss after every
+            step (steps of weight 0 cost nothing). `None`: the query loss after the last step
+            only. `metabatch.mamlpp.step_weights` gives MAML++'s annealed weights.
+        chunk_size: vmap at most this many tasks at a time (`torch.func.vmap`'s
+            `chunk_size`): less memory; on CPU, activations above glibc's 32 MB
             mmap threshold are slow to allocate, so chunks can also be faster.
-        randomness: ``vmap``'s randomness for random ops in ``loss_fn`` (dropout):
-            ``"different"`` (each task draws its own; the default), ``"same"``
-            (one draw shared by all tasks) or ``"error"``.
-        key: a [metabatch.random][] key. When given, random ops draw from
+        randomness: `vmap`'s randomness for random ops in `loss_fn` (dropout):
+            `"different"` (each task draws its own; the default), `"same"`
+            (one draw shared by all tasks) or `"error"`.
+        key: a `metabatch.random` key. When given, random ops draw from
             torch's generators seeded from it, and their previous states are
-            restored afterwards: the same key gives the same result. ``None``
+            restored afterwards: the same key gives the same result. `None`
             draws from torch's global generator as any module would.
         batch_rules: use [metabatch.batching.batching_rules][] (exact batch-norm
-            meta-gradients, faster convolutions). ``False`` uses PyTorch's own rules.
-        remat: keep no graph in the forward pass; recompute ``chunk_size`` tasks at a
+            meta-gradients, faster convolutions). `False` uses PyTorch's own rules.
+        remat: keep no graph in the forward pass; recompute `chunk_size` tasks at a
             time (default 1) during the backward pass instead. Peak memory is then
-            that of one chunk, for a second forward pass. Gradients reach ``params``, tensor
-            ``lr`` leaves and the tensors ``inner`` holds through ordinary autograd
-            (``loss.backward()``, ``torch.autograd.grad``), not through ``torch.func`` transforms
+            that of one chunk, for a second forward pass. Gradients reach `params`, tensor
+            `lr` leaves and the tensors `inner` holds through ordinary autograd
+            (`loss.backward()`, `torch.autograd.grad`), not through `torch.func` transforms
             or a second backward. Random ops replay the same draws in the recomputation.
 
     Returns:
         A scalar tensor.
 
     Raises:
-        ValueError: when the leaves of ``support`` and ``query`` disagree on the number of
-            tasks or hold none, for a bad ``steps``, ``chunk_size``, ``randomness`` or ``step_weights``.
-        TypeError: when ``lr``, ``mask`` or ``per_step`` does not match ``params``, a data leaf is not
-            a tensor, both ``lr`` and ``inner`` are given, or a leaf to adapt is an integer tensor.
+        ValueError: when the leaves of `support` and `query` disagree on the number of
+            tasks or hold none, for a bad `steps`, `chunk_size`, `randomness` or `step_weights`.
+        TypeError: when `lr`, `mask` or `per_step` does not match `params`, a data leaf is not
+            a tensor, both `lr` and `inner` are given, or a leaf to adapt is an integer tensor.
 
     Examples:
         >>> import torch
@@ -526,7 +526,7 @@ def _remat_mean(task_fn, plan, batches, n_tasks):
 class _Remat(torch.autograd.Function):
     """Sum of chunk losses / n, recomputing each chunk in backward (with the forward's RNG state).
 
-    The first ``n_inputs`` tensors are the ones ``chunk_loss`` reads (recomputed from detached
+    The first `n_inputs` tensors are the ones `chunk_loss` reads (recomputed from detached
     copies); the rest are tensors it captures itself (an inner optimizer's rates), whose
     gradients are taken at the tensors themselves.
     """
@@ -565,15 +565,15 @@ def reptile_grad(loss_fn: LossFn, params: PyTree, support: PyTree, *, steps: int
                  inner: _inner.Optimizer | None = None, mask: Mask = None, per_step: Mask = None,
                  chunk_size: int | None = None, randomness: str = "different", key: _random.Key | None = None,
                  batch_rules: bool = True) -> PyTree:
-    """The Reptile meta-gradient ``θ − mean_t φ_t`` of a batch of tasks.
+    """The Reptile meta-gradient `θ − mean_t φ_t` of a batch of tasks.
 
-    ``φ_t`` is ``params`` after ``steps`` first-order inner steps on task ``t``'s
-    support set (plain SGD, or ``inner``: Reptile's paper used Adam), vmapped over tasks. Assign
-    the result to the parameters' ``.grad`` and step any ``torch.optim`` optimizer: plain SGD
-    with learning rate ε gives Reptile's ``θ ← θ + ε (mean φ − θ)``.
+    `φ_t` is `params` after `steps` first-order inner steps on task `t`'s
+    support set (plain SGD, or `inner`: Reptile's paper used Adam), vmapped over tasks. Assign
+    the result to the parameters' `.grad` and step any `torch.optim` optimizer: plain SGD
+    with learning rate ε gives Reptile's `θ ← θ + ε (mean φ − θ)`.
 
     Args:
-        loss_fn: ``loss_fn(params, data) -> scalar tensor`` for one task.
+        loss_fn: `loss_fn(params, data) -> scalar tensor` for one task.
         params: a pytree of tensors; not modified.
         support: a pytree of tensors with a leading task dimension.
         steps: inner first-order steps per task.
@@ -587,7 +587,7 @@ def reptile_grad(loss_fn: LossFn, params: PyTree, support: PyTree, *, steps: int
         batch_rules: as in [meta_loss][metabatch.maml.meta_loss].
 
     Returns:
-        A pytree like ``params`` of detached tensors (exactly zero for leaves that are not adapted).
+        A pytree like `params` of detached tensors (exactly zero for leaves that are not adapted).
 
     Raises:
         ValueError, TypeError: as [meta_loss][metabatch.maml.meta_loss].
@@ -623,11 +623,11 @@ class Evaluation(NamedTuple):
 
     Attributes:
         loss: mean query loss over tasks.
-        loss_ci: half-width of the 95 % confidence interval of ``loss``.
-        metric: mean of ``metric_fn`` over tasks (``None`` without ``metric_fn``).
+        loss_ci: half-width of the 95 % confidence interval of `loss`.
+        metric: mean of `metric_fn` over tasks (`None` without `metric_fn`).
         metric_ci: half-width of its 95 % confidence interval.
-        per_task_loss: the query loss of each task, shape ``[T]``.
-        per_task_metric: ``metric_fn`` of each task, shape ``[T]``, or ``None``.
+        per_task_loss: the query loss of each task, shape `[T]`.
+        per_task_metric: `metric_fn` of each task, shape `[T]`, or `None`.
     """
 
     loss: float
@@ -639,14 +639,14 @@ class Evaluation(NamedTuple):
 
 
 def mean_ci(values: torch.Tensor, z: float = 1.96) -> tuple[float, float]:
-    """Mean and half-width ``z·s/√n`` of its normal confidence interval (95 % by default).
+    """Mean and half-width `z·s/√n` of its normal confidence interval (95 % by default).
 
     Args:
         values: a 1-D tensor of per-task values.
         z: the normal quantile (1.96 for 95 %).
 
     Returns:
-        ``(mean, half_width)``; the half-width is ``nan`` for fewer than two values.
+        `(mean, half_width)`; the half-width is `nan` for fewer than two values.
 
     Examples:
         >>> from metabatch import maml
@@ -670,19 +670,19 @@ def evaluate(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *,
     """Meta-test: adapt each task (often with more steps than in training) and score its query set.
 
     No graph is kept for the outer parameters (first-order inner steps under
-    ``torch.no_grad``), so this is cheap enough for many evaluation tasks;
-    split them into batches or pass ``chunk_size`` to bound memory.
+    `torch.no_grad`), so this is cheap enough for many evaluation tasks;
+    split them into batches or pass `chunk_size` to bound memory.
 
     Args:
-        loss_fn: ``loss_fn(params, data) -> scalar tensor`` for one task.
+        loss_fn: `loss_fn(params, data) -> scalar tensor` for one task.
         params: a pytree of tensors; not modified.
         support: a pytree of tensors with a leading task dimension.
         query: a pytree of tensors with the same leading task dimension.
         steps: inner steps per task.
         lr: plain SGD's inner learning rate (as in [meta_loss][metabatch.maml.meta_loss]).
         inner: an inner-loop optimizer (as in [meta_loss][metabatch.maml.meta_loss]).
-        metric_fn: optional ``metric_fn(params, data) -> scalar``, e.g.
-            ``metabatch.nn.objective(model, metabatch.nn.accuracy)``.
+        metric_fn: optional `metric_fn(params, data) -> scalar`, e.g.
+            `metabatch.nn.objective(model, metabatch.nn.accuracy)`.
         mask: which parameters to adapt; see [adapt][metabatch.maml.adapt].
         per_step: as in [meta_loss][metabatch.maml.meta_loss].
         chunk_size: as in [meta_loss][metabatch.maml.meta_loss].

@@ -1,7 +1,7 @@
 """MAML++ (Antoniou et al., "How to train your MAML", ICLR 2019) as functions and options.
 
 Each of MAML++'s changes to MAML is a small piece that composes with
-[metabatch.maml][]:
+`metabatch.maml`:
 
 | MAML++ piece | in metabatch |
 |---|---|
@@ -29,6 +29,7 @@ import torch
 
 from . import _validate
 from . import batching as _batching
+from . import inner as _inner
 from . import maml as _maml
 from .typing import LossFn, Mask, PyTree, Rate
 
@@ -36,10 +37,10 @@ __all__ = ["bn_statistics", "cosine_lr", "stack_steps", "step_weights"]
 
 
 def step_weights(steps: int, progress: float, *, floor: float = 0.03) -> tuple[float, ...]:
-    """MAML++'s multi-step loss weights: from uniform towards the last step as ``progress`` goes 0 → 1.
+    """MAML++'s multi-step loss weights: from uniform towards the last step as `progress` goes 0 → 1.
 
-    At ``progress`` p < 1, every step but the last weighs ``max(1/S − p/S, floor/S)`` and the last
-    ``min(1/S + p·(S−1)/S, 1 − (S−1)·floor/S)`` (MAML++'s ``get_per_step_loss_importance_vector``,
+    At `progress` p < 1, every step but the last weighs `max(1/S − p/S, floor/S)` and the last
+    `min(1/S + p·(S−1)/S, 1 − (S−1)·floor/S)` (MAML++'s `get_per_step_loss_importance_vector`,
     with p = epoch / multi-step-loss epochs). From p = 1 on, only the last step counts, as in
     MAML++ once its multi-step phase ends. Steps of weight 0 cost nothing in
     [meta_loss][metabatch.maml.meta_loss].
@@ -50,7 +51,7 @@ def step_weights(steps: int, progress: float, *, floor: float = 0.03) -> tuple[f
         floor: the smallest weight of a non-final step before p = 1, times S.
 
     Returns:
-        A tuple of S floats summing to 1 (for ``step_weights=``).
+        A tuple of S floats summing to 1 (for `step_weights=`).
 
     Examples:
         >>> from metabatch import mamlpp
@@ -69,10 +70,10 @@ def step_weights(steps: int, progress: float, *, floor: float = 0.03) -> tuple[f
 
 
 def cosine_lr(step: int, total: int, lr: float, min_lr: float = 0.0) -> float:
-    """The meta learning rate at ``step`` of a cosine annealing from ``lr`` to ``min_lr`` over ``total`` steps.
+    """The meta learning rate at `step` of a cosine annealing from `lr` to `min_lr` over `total` steps.
 
-    ``min_lr + (lr − min_lr)·(1 + cos(π·step/total))/2``, and ``min_lr`` past ``total``
-    (torch's ``CosineAnnealingLR`` without restarts, as MAML++ uses it). Set it on the outer
+    `min_lr + (lr − min_lr)·(1 + cos(π·step/total))/2`, and `min_lr` past `total`
+    (torch's `CosineAnnealingLR` without restarts, as MAML++ uses it). Set it on the outer
     optimizer's param groups before each step.
 
     Args:
@@ -113,9 +114,9 @@ def _flags(select, params, fn: str) -> list[bool]:
 def stack_steps(params: PyTree, steps: int, select: Mask) -> PyTree:
     """Per-step copies of some parameters (MAML++'s per-step batch-norm weights and biases).
 
-    Every selected leaf ``p`` becomes a new leaf tensor of shape ``[steps, *p.shape]`` holding
-    ``steps`` copies of ``p``, requiring grad if ``p`` did; the others are returned as they are.
-    Pass the same selection as ``per_step=`` to [meta_loss][metabatch.maml.meta_loss] and
+    Every selected leaf `p` becomes a new leaf tensor of shape `[steps, *p.shape]` holding
+    `steps` copies of `p`, requiring grad if `p` did; the others are returned as they are.
+    Pass the same selection as `per_step=` to [meta_loss][metabatch.maml.meta_loss] and
     [evaluate][metabatch.maml.evaluate], and the new leaves to the outer optimizer.
 
     Args:
@@ -124,11 +125,11 @@ def stack_steps(params: PyTree, steps: int, select: Mask) -> PyTree:
         select: which leaves to stack: a predicate on dotted names or a pytree of bools.
 
     Returns:
-        A pytree like ``params``.
+        A pytree like `params`.
 
     Raises:
-        TypeError: a bad ``select``.
-        ValueError: ``select`` picks nothing, or a bad ``steps``.
+        TypeError: a bad `select`.
+        ValueError: `select` picks nothing, or a bad `steps`.
 
     Examples:
         >>> import torch
@@ -167,28 +168,29 @@ def _norm_layers(model):
 
 
 def bn_statistics(model: torch.nn.Module, loss_fn: LossFn, params: PyTree, support: PyTree,
-                  query: PyTree | None = None, *, steps: int, lr: Rate | None = None, inner=None,
+                  query: PyTree | None = None, *, steps: int, lr: Rate | None = None,
+                  inner: _inner.Optimizer | None = None,
                   mask: Mask = None, per_step: Mask = None, batch_rules: bool = True) -> dict[str, torch.Tensor]:
     """Per-step batch-norm statistics of the adapted networks (MAML++'s BNRS), from a batch of tasks.
 
-    For each task, the inner loop runs as in training (``steps``, ``lr`` or ``inner``,
-    ``mask``, ``per_step``); the input of every batch-norm layer is recorded in the support pass
-    of each inner step ``s`` and, with ``query``, in the query pass after step ``s + 1`` (which
-    uses index ``s`` too). The mean and the unbiased variance over each recording, averaged over
-    the recordings and the tasks, are the statistics of step ``s``. MAML++ keeps such statistics
+    For each task, the inner loop runs as in training (`steps`, `lr` or `inner`,
+    `mask`, `per_step`); the input of every batch-norm layer is recorded in the support pass
+    of each inner step `s` and, with `query`, in the query pass after step `s + 1` (which
+    uses index `s` too). The mean and the unbiased variance over each recording, averaged over
+    the recordings and the tasks, are the statistics of step `s`. MAML++ keeps such statistics
     as running averages during training; here they are computed from the parameters at hand, so
     nothing is stored, and the same tasks give the same statistics.
 
-    Use them at evaluation: put the model in eval mode (``model.eval()``: batch norm then
-    normalises with running statistics) and pass ``{**params, **stats}`` with
-    ``per_step=`` selecting the statistics' names (and the per-step weights and biases, if any).
+    Use them at evaluation: put the model in eval mode (`model.eval()`: batch norm then
+    normalises with running statistics) and pass `{**params, **stats}` with
+    `per_step=` selecting the statistics' names (and the per-step weights and biases, if any).
 
     Args:
-        model: the module whose batch-norm layers to record (built with ``track_running_stats=True``).
-        loss_fn: the task loss, e.g. ``metabatch.nn.objective(model, F.cross_entropy)``, in training mode.
+        model: the module whose batch-norm layers to record (built with `track_running_stats=True`).
+        loss_fn: the task loss, e.g. `metabatch.nn.objective(model, F.cross_entropy)`, in training mode.
         params: the parameters (as given to [meta_loss][metabatch.maml.meta_loss]).
         support: a batch of tasks' support sets (leading task dimension).
-        query: the same tasks' query sets, or ``None``.
+        query: the same tasks' query sets, or `None`.
         steps: inner steps S >= 1.
         lr: plain SGD's rate (as in [meta_loss][metabatch.maml.meta_loss]).
         inner: an inner-loop optimizer (as in [meta_loss][metabatch.maml.meta_loss]).
@@ -197,10 +199,10 @@ def bn_statistics(model: torch.nn.Module, loss_fn: LossFn, params: PyTree, suppo
         batch_rules: as in [meta_loss][metabatch.maml.meta_loss].
 
     Returns:
-        ``{"<layer>.running_mean": [S, C], "<layer>.running_var": [S, C]}`` for every batch-norm layer.
+        `{"<layer>.running_mean": [S, C], "<layer>.running_var": [S, C]}` for every batch-norm layer.
 
     Raises:
-        ValueError: the model has no batch norm, or one without running statistics; bad ``steps``.
+        ValueError: the model has no batch norm, or one without running statistics; bad `steps`.
 
     Examples:
         >>> import torch, torch.nn.functional as F, metabatch as mb

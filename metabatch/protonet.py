@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import optree
@@ -44,6 +45,8 @@ from .typing import PyTree
 __all__ = ["Result", "evaluate", "loss", "prototypes", "task_loss"]
 
 _DISTANCES = ("sqeuclidean", "cosine")
+EmbedFn = Callable[[PyTree, torch.Tensor], torch.Tensor]  # embed_fn(params, x [n, ...]) -> [n, ...]
+Pair = tuple[torch.Tensor, torch.Tensor]  # (inputs, integer labels)
 
 
 class Result(NamedTuple):
@@ -80,7 +83,7 @@ def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, ways: int) -> tor
     return (onehot.transpose(0, 1) @ embeddings) / counts.unsqueeze(-1)
 
 
-def task_loss(embed_fn, params: PyTree, support, query, ways: int, *,
+def task_loss(embed_fn: EmbedFn, params: PyTree, support: Pair, query: Pair, ways: int, *,
               distance: str = "sqeuclidean") -> tuple[torch.Tensor, torch.Tensor]:
     """The loss and accuracy of one N-way task: `(cross-entropy, accuracy)` of its query examples.
 
@@ -153,7 +156,7 @@ def _ways(ways, support, fn: str) -> int:
     return int(labels.max()) + 1
 
 
-def loss(embed_fn, params: PyTree, support, query, *, ways: int | None = None, distance: str = "sqeuclidean",
+def loss(embed_fn: EmbedFn, params: PyTree, support: Pair, query: Pair, *, ways: int | None = None, distance: str = "sqeuclidean",
          chunk_size: int | None = None, randomness: str = "different", key: _random.Key | None = None,
          batch_rules: bool = True) -> Result:
     """The prototypical-network loss and accuracy of a batch of N-way K-shot tasks, vmapped over tasks.
@@ -168,7 +171,7 @@ def loss(embed_fn, params: PyTree, support, query, *, ways: int | None = None, d
         distance: `"sqeuclidean"` (the paper's) or `"cosine"`.
         chunk_size: vmap at most this many tasks at a time.
         randomness: `vmap`'s randomness for random ops in `embed_fn`.
-        key: a [metabatch.random][] key seeding random ops (as in [metabatch.maml.meta_loss][]).
+        key: a `metabatch.random` key seeding random ops (as in [metabatch.maml.meta_loss][]).
         batch_rules: use [metabatch.batching.batching_rules][] (faster convolutions).
 
     Returns:
@@ -207,7 +210,7 @@ def loss(embed_fn, params: PyTree, support, query, *, ways: int | None = None, d
     return Result(losses.mean(), accs.mean(), losses, accs)
 
 
-def evaluate(embed_fn, params: PyTree, support, query, *, ways: int | None = None, distance: str = "sqeuclidean",
+def evaluate(embed_fn: EmbedFn, params: PyTree, support: Pair, query: Pair, *, ways: int | None = None, distance: str = "sqeuclidean",
              chunk_size: int | None = None, key: _random.Key | None = None,
              batch_rules: bool = True) -> _maml.Evaluation:
     """Meta-test: the query loss and accuracy of every task, with means and 95 % intervals, no graph kept.

@@ -115,12 +115,12 @@ def test_mlp_implicit_gradient_equals_a_per_task_explicit_solve():
     want = 0
     for t in range(T):
         s, q = at(support, t), at(query, t)
-        prox = lambda v: loss_fn(unflat(v), s) + 0.5 * lam * ((v - flat_theta) ** 2).sum()  # noqa: E731
+        prox = lambda v, s=s: loss_fn(unflat(v), s) + 0.5 * lam * ((v - flat_theta) ** 2).sum()
         v = flat_theta.clone()
         for _ in range(400):                             # the proximal optimum, to rounding
             v = v - 0.1 * torch.func.grad(prox)(v)
-        h = torch.func.jacrev(torch.func.jacrev(lambda v: loss_fn(unflat(v), s)))(v)
-        gq = torch.func.grad(lambda v: loss_fn(unflat(v), q))(v)
+        h = torch.func.jacrev(torch.func.jacrev(lambda v, s=s: loss_fn(unflat(v), s)))(v)
+        gq = torch.func.grad(lambda v, q=q: loss_fn(unflat(v), q))(v)
         want = want + torch.linalg.solve(torch.eye(len(v)) + h / lam, gq) / T
     got = torch.cat([out.grads[k].reshape(-1) for k in names])
     # 200 inner steps leave the optimum ~1e-9 away; CG with 30 iterations on 19 unknowns is exact.

@@ -218,7 +218,7 @@ def adam_loop(loss_fn, params, support, query, steps, lr, b1=0.9, b2=0.999, eps=
 
 @pytest.mark.parametrize("model,steps", CASES)
 def test_adam_reference_loop_equals_torch_optim_adam(model, steps):
-    net, loss_fn, params, support, query = setup(model)
+    _, loss_fn, params, support, query = setup(model)
     _, adapted = adam_loop(loss_fn, params, support, query, steps, lr=0.01)
     for t in range(T):
         copy = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
@@ -234,7 +234,7 @@ def test_adam_reference_loop_equals_torch_optim_adam(model, steps):
 @pytest.mark.parametrize("model,steps", CASES)
 @pytest.mark.parametrize("first_order", [False, True])
 def test_adam_meta_gradient_equals_explicit_loop(model, steps, first_order):
-    net, loss_fn, params, support, query = setup(model)
+    _, loss_fn, params, support, query = setup(model)
     ref, _ = adam_loop(loss_fn, params, support, query, steps, lr=0.01, first_order=first_order)
     want = torch.autograd.grad(ref, list(params.values()))
     loss = maml.meta_loss(loss_fn, params, support, query, steps=steps, inner=inner.adam(0.01),
@@ -319,7 +319,7 @@ def lslr_loop(loss_fn, params, support, query, rates):
 @pytest.mark.parametrize("model,steps", CASES)
 @pytest.mark.parametrize("per_entry", [False, True])
 def test_lslr_meta_gradient_reaches_params_and_rates(model, steps, per_entry):
-    net, loss_fn, params, support, query = setup(model)
+    _, loss_fn, params, support, query = setup(model)
     rates = inner.lslr_rates(params, steps, 0.2, per_entry=per_entry)
     with torch.no_grad():  # distinct rates per step, so that a wrong index shows
         for r in rates.values():
@@ -339,7 +339,7 @@ def test_lslr_reuses_the_last_rate_past_its_steps():
 
 
 def test_learned_rates_get_meta_gradients_through_momentum_and_adam():
-    net, loss_fn, params, support, query = setup("mlp")
+    _, loss_fn, params, support, query = setup("mlp")
     for make in (lambda r: inner.momentum(r), lambda r: inner.adam(r)):
         rate = torch.tensor(0.05, requires_grad=True)
         loss = maml.meta_loss(loss_fn, params, support, query, steps=2, inner=make(rate))
@@ -355,7 +355,7 @@ def test_learned_rates_get_meta_gradients_through_momentum_and_adam():
 
 
 def test_default_inner_is_plain_sgd_exactly():
-    net, loss_fn, params, support, query = setup("conv4")
+    _, loss_fn, params, support, query = setup("conv4")
     a = maml.meta_loss(loss_fn, params, support, query, steps=2, lr=0.3)
     b = maml.meta_loss(loss_fn, params, support, query, steps=2, inner=inner.sgd(0.3))
     assert a.item() == b.item()
@@ -367,7 +367,7 @@ def test_default_inner_is_plain_sgd_exactly():
 
 
 def test_adapt_evaluate_and_reptile_take_inner():
-    net, loss_fn, params, support, query = setup("mlp")
+    _, loss_fn, params, support, query = setup("mlp")
     opt = inner.adam(0.05)
     adapted = [maml.adapt(loss_fn, params, at(support, t), steps=3, inner=opt, first_order=True) for t in range(T)]
     _, loop = adam_loop(loss_fn, params, support, query, 3, lr=0.05, first_order=True)
@@ -384,15 +384,15 @@ def test_adapt_evaluate_and_reptile_take_inner():
 
 
 def test_mask_with_an_inner_optimizer_keeps_fixed_leaves():
-    net, loss_fn, params, support, query = setup("mlp")
-    head = lambda name: name.startswith("4.")  # noqa: E731
+    _, loss_fn, params, support, _ = setup("mlp")
+    head = lambda name: name.startswith("4.")
     adapted = maml.adapt(loss_fn, params, at(support, 0), steps=2, inner=inner.adam(0.1), mask=head)
     for k in params:
         assert (adapted[k] is params[k]) == (not head(k))
 
 
 def test_lr_and_inner_together_is_an_error():
-    net, loss_fn, params, support, query = setup("mlp")
+    _, loss_fn, params, support, query = setup("mlp")
     with pytest.raises(TypeError, match=r"meta_loss\(\): pass either lr= .* or inner="):
         maml.meta_loss(loss_fn, params, support, query, lr=0.1, inner=inner.sgd(0.1))
     with pytest.raises(TypeError, match=r"inner must be an \(init, update\) pair"):

@@ -535,7 +535,7 @@ def test_integer_buffer_among_params_is_named():
     state = dict(net.state_dict(keep_vars=True))  # parameters and buffers, num_batches_tracked among them
     with pytest.raises(TypeError, match=r"params\['1.num_batches_tracked'\] is a torch.int64 tensor.*mask="):
         maml.meta_loss(loss_fn, state, support, query)
-    floats = lambda name: not name.endswith("num_batches_tracked")  # noqa: E731
+    floats = lambda name: not name.endswith("num_batches_tracked")
     assert torch.isfinite(maml.meta_loss(loss_fn, state, support, query, mask=floats))
 
 

@@ -180,7 +180,7 @@ def test_bn_statistics_equal_a_per_task_loop_and_drive_evaluation():
             assert torch.allclose(stats[f"{i}.running_mean"][s], mean, rtol=1e-12, atol=1e-14)
             assert torch.allclose(stats[f"{i}.running_var"][s], var, rtol=1e-12, atol=1e-14)
     # Evaluation in eval mode normalises with the statistics of each step.
-    per_step = lambda n: is_bn(n) or n.endswith(("running_mean", "running_var"))  # noqa: E731
+    per_step = lambda n: is_bn(n) or n.endswith(("running_mean", "running_var"))
     net.eval()
     try:
         ev = maml.evaluate(loss_fn, {**params, **stats}, support, query, steps=2, inner=opt, per_step=per_step)

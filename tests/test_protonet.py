@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import metabatch as mb
-from metabatch import protonet
 from metabatch import nn as mnn
+from metabatch import protonet
 
 from .test_maml import assert_close_grads, gen, init
 
