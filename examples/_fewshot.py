@@ -63,11 +63,11 @@ def _positive_float(text: str) -> float:
 
 
 def parser(doc: str, defaults: dict, upstream: dict | None, inner_loop: bool = True) -> argparse.ArgumentParser:
-    """The flags the scripts share. ``defaults``: this script's values; ``upstream``: MAML-Pytorch's.
+    """The flags the scripts share. `defaults`: this script's values; `upstream`: MAML-Pytorch's.
 
     Every MAML-Pytorch flag (``--n_way`` ...) is an alias of metabatch's (``--ways`` ...): both set the
-    same argument, and the help shows the two defaults side by side (``upstream=None``: no aliases).
-    ``inner_loop=False`` (prototypical networks) leaves out the inner-loop flags.
+    same argument, and the help shows the two defaults side by side (`upstream=None`: no aliases).
+    `inner_loop=False` (prototypical networks) leaves out the inner-loop flags.
     """
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = defaults
@@ -146,7 +146,7 @@ def conv4(key, *, in_channels: int, ways: int, channels: int, image_size: int, p
           track_running_stats: bool = False) -> torch.nn.Module:
     """Finn et al.'s conv4: 4 x [3x3 conv, BatchNorm (batch statistics), ReLU], then a linear head.
 
-    ``track_running_stats=True`` gives the batch norms running-statistics buffers, used only in eval mode
+    `track_running_stats=True` gives the batch norms running-statistics buffers, used only in eval mode
     (MAML++'s per-step statistics); metabatch's vmapped rules normalise with batch statistics in training.
 
     ``pool="stride"`` (their Omniglot net): stride-2 convolutions, 28 -> 14 -> 7 -> 4 -> 2.
@@ -240,15 +240,15 @@ def _to(batch, device):
 
 @dataclasses.dataclass
 class Method:
-    """What a meta-step and an evaluation compute. :func:`maml_method` is plain MAML from the flags; the
+    """What a meta-step and an evaluation compute. `maml_method` is plain MAML from the flags; the
     scripts build others (MAML++ in maml_omniglot.py, prototypical networks in protonet_omniglot.py).
 
-    ``meta_loss(model, params, batch, step) -> scalar`` is back-propagated and stepped by Adam;
-    ``evaluator(model, params, device)`` returns ``batch -> per-task accuracy [T]`` for one round of
-    validation or testing; ``extra`` holds meta-parameters outside the model (learned inner rates),
-    optimised and checkpointed with it; ``stream_args`` names more flags a resumed run must share;
-    ``adapt(params, x, labels, device) -> predict(query_x)``, if given, adapts to one task (Lake et al.'s
-    one-shot runs); ``None`` for plain MAML's.
+    `meta_loss(model, params, batch, step) -> scalar` is back-propagated and stepped by Adam;
+    `evaluator(model, params, device)` returns `batch -> per-task accuracy [T]` for one round of
+    validation or testing; `extra` holds meta-parameters outside the model (learned inner rates),
+    optimised and checkpointed with it; `stream_args` names more flags a resumed run must share;
+    `adapt(params, x, labels, device) -> predict(query_x)`, if given, adapts to one task (Lake et al.'s
+    one-shot runs); `None` for plain MAML's.
     """
 
     name: str
@@ -461,8 +461,8 @@ def run(args, *, name: str, model_fn, train_task, val_task, evaluations, log=pri
     """Train, keep the best model by validation accuracy, evaluate it, write metrics.json and the plot.
 
     ``evaluations``: ``[(label, fn)]``; ``fn(model, params, device) -> (dict, final_line)`` is run on the
-    best model; its dict goes to metrics.json under ``label``, its line is printed. ``method``: a
-    :class:`Method`, or ``None`` for :func:`maml_method`; ``method`` may also be a function of the built
+    best model; its dict goes to metrics.json under `label`, its line is printed. `method`: a
+    `Method`, or `None` for `maml_method`; `method` may also be a function of the built
     model returning one (for methods whose extra parameters depend on the model).
     """
     device = device_for(args)
@@ -525,10 +525,10 @@ def run(args, *, name: str, model_fn, train_task, val_task, evaluations, log=pri
 
 
 def accuracy_eval(sample_task, args, what: str, method=None):
-    """An evaluation for :func:`run`: ``--eval-tasks`` tasks from ``sample_task``, mean ± 95 % CI.
+    """An evaluation for `run`: `--eval-tasks` tasks from `sample_task`, mean ± 95 % CI.
 
-    ``method``: the :class:`Method` (or a zero-argument function returning it, for a method that
-    :func:`run` builds from the model); ``None`` for plain MAML."""
+    `method`: the `Method` (or a zero-argument function returning it, for a method that
+    `run` builds from the model); `None` for plain MAML."""
     def fn(model, params, device):
         m = method() if callable(method) and not isinstance(method, Method) else method
         acc = accuracy_on(model, params, sample_task, num_tasks=args.eval_tasks, seed=args.eval_seed,

@@ -236,12 +236,12 @@ def main(argv=None):
 
 
 def mamlpp_method(args, model, train_task, log) -> _fewshot.Method:
-    """MAML++'s pieces that args turns on, for ``model`` (whose batch norms get per-step weights with --bnwb).
+    """MAML++'s pieces that args turns on, for `model` (whose batch norms get per-step weights with --bnwb).
 
-    --lslr: ``inner.lslr`` rates ``[steps]`` per adapted tensor (not the per-step batch norms), learned by the
-    outer Adam with the network; --bnwb: every batch norm's weight and bias become ``[steps, C]`` parameters of
-    the model, selected by ``per_step=``; --msl: ``step_weights`` annealed over --msl-fraction of --steps;
-    --da: first-order for the first --da-fraction of --steps; --bnrs: ``mamlpp.bn_statistics`` of the current
+    --lslr: `inner.lslr` rates `[steps]` per adapted tensor (not the per-step batch norms), learned by the
+    outer Adam with the network; --bnwb: every batch norm's weight and bias become `[steps, C]` parameters of
+    the model, selected by `per_step=`; --msl: `step_weights` annealed over --msl-fraction of --steps;
+    --da: first-order for the first --da-fraction of --steps; --bnrs: `mamlpp.bn_statistics` of the current
     parameters on --bnrs-tasks fixed training tasks, used (model in eval mode) at validation and test.
     """
     steps = args.inner_steps
@@ -314,7 +314,7 @@ def mamlpp_method(args, model, train_task, log) -> _fewshot.Method:
 
 
 def adapter(args, model, opt, per_step, statistics, per_step_eval):
-    """``adapt(params, support_x, labels, device) -> apply(query_x)``: one task, MAML++'s inner loop."""
+    """`adapt(params, support_x, labels, device) -> apply(query_x)`: one task, MAML++'s inner loop."""
     def adapt(params, x, labels, device):
         loss_fn = mb.nn.objective(model, torch.nn.functional.cross_entropy)
         sel = per_step
