@@ -1,11 +1,11 @@
 """Differentiable inner-loop optimizers: pure `(init, update)` pairs over pytrees.
 
-An :class:`Optimizer` has the shape of an optax `GradientTransformation`: a
+An `Optimizer` has the shape of an optax `GradientTransformation`: a
 NamedTuple of two pure functions,
 
 * `init(params) -> state`: the optimizer state for a pytree of parameters;
 * `update(grads, state, params=None) -> (updates, state)`: the updates to add to
-  the parameters (:func:`apply_updates`) and the next state.
+  the parameters (`apply_updates`) and the next state.
 
 Nothing is mutated and no `.grad` is read: everything is a tensor expression
 of its inputs, so the inner loop of [metabatch.maml.meta_loss][] differentiates
@@ -20,10 +20,10 @@ A `None` leaf in `grads` (a parameter that is not adapted, e.g. by
 
 Rules:
 
-* :func:`sgd`: `φ ← φ − lr·g` (the rule of MAML and, with a pytree `lr`, Meta-SGD);
-* :func:`momentum`: `torch.optim.SGD(momentum=μ, nesterov=...)`'s update;
-* :func:`adam`: `torch.optim.Adam`'s (and optax's) update, `lr·m̂/(√v̂ + eps)`;
-* :func:`lslr`: SGD with a learned rate per parameter tensor and per inner step (MAML++).
+* `sgd`: `φ ← φ − lr·g` (the rule of MAML and, with a pytree `lr`, Meta-SGD);
+* `momentum`: `torch.optim.SGD(momentum=μ, nesterov=...)`'s update;
+* `adam`: `torch.optim.Adam`'s (and optax's) update, `lr·m̂/(√v̂ + eps)`;
+* `lslr`: SGD with a learned rate per parameter tensor and per inner step (MAML++).
 
 Learning rates are numbers, 0-d tensors, or pytrees like the parameters (one rate per
 leaf, broadcastable to it). Tensors that require grad receive the meta-gradient:
@@ -33,7 +33,7 @@ build the optimizer where those tensors are in scope (inside the function that
 Adam at a zero second moment: `√v` has an infinite derivative at `v = 0`, and
 an inner gradient entry that is exactly 0 (a dead ReLU unit; ~40 % of an MLP's
 first inner gradient can be) gives `v = 0` there and `0 · ∞ = NaN` in the
-meta-gradient. :func:`adam` uses a square root whose derivative at 0 is 0 —
+meta-gradient. `adam` uses a square root whose derivative at 0 is 0 —
 a subgradient of `√((1-β₂)·g²) ∝ |g|` at `g = 0` — so the meta-gradient stays
 finite; where `v > 0` it is the ordinary derivative. higher's differentiable Adam
 does the same (it masks the gradient into `v` where `v == 0`).
@@ -74,7 +74,7 @@ class Optimizer(NamedTuple):
     Attributes:
         init: `init(params) -> state`.
         update: `update(grads, state, params=None) -> (updates, state)`; add the updates
-            to the parameters with :func:`apply_updates`.
+            to the parameters with `apply_updates`.
     """
 
     init: Callable[[PyTree], Any]
@@ -82,7 +82,7 @@ class Optimizer(NamedTuple):
 
 
 class SgdState(NamedTuple):
-    """State of :func:`sgd` and :func:`lslr`.
+    """State of `sgd` and `lslr`.
 
     Attributes:
         count: updates taken so far (a Python int).
@@ -92,7 +92,7 @@ class SgdState(NamedTuple):
 
 
 class MomentumState(NamedTuple):
-    """State of :func:`momentum`.
+    """State of `momentum`.
 
     Attributes:
         count: updates taken so far (a Python int).
@@ -105,7 +105,7 @@ class MomentumState(NamedTuple):
 
 
 class AdamState(NamedTuple):
-    """State of :func:`adam`.
+    """State of `adam`.
 
     Attributes:
         count: updates taken so far (a Python int); the bias corrections use it.
