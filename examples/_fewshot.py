@@ -62,17 +62,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def parser(doc: str, defaults: dict, upstream: dict) -> argparse.ArgumentParser:
-    """The flags both scripts share. ``defaults``: this script's values; ``upstream``: MAML-Pytorch's.
+def parser(doc: str, defaults: dict, upstream: dict | None, inner_loop: bool = True) -> argparse.ArgumentParser:
+    """The flags the scripts share. `defaults`: this script's values; `upstream`: MAML-Pytorch's.
 
     Every MAML-Pytorch flag (``--n_way`` ...) is an alias of metabatch's (``--ways`` ...): both set the
-    same argument, and the help shows the two defaults side by side.
+    same argument, and the help shows the two defaults side by side (`upstream=None`: no aliases).
+    `inner_loop=False` (prototypical networks) leaves out the inner-loop flags.
     """
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = defaults
 
     def flag(name, alias, help_, **kw):
         dest = name[2:].replace("-", "_")
+        alias = alias if upstream is not None else None
         names = [name] + ([alias] if alias else [])
         fallback = kw.pop("default", None)
         ours = d.get(dest, fallback)
@@ -86,16 +88,20 @@ def parser(doc: str, defaults: dict, upstream: dict) -> argparse.ArgumentParser:
     flag("--image-size", "--imgsz", "image side in pixels", type=pos)
     flag("--meta-batch", "--task_num", "tasks per meta-step", type=pos)
     flag("--meta-lr", "--meta_lr", "Adam learning rate of the outer step", type=_positive_float)
-    flag("--inner-lr", "--update_lr", "inner SGD learning rate", type=_positive_float)
-    flag("--inner-steps", "--update_step", "inner SGD steps in training", type=pos)
-    flag("--test-steps", "--update_step_test", "inner SGD steps at validation and test time", type=pos)
+    if inner_loop:
+        flag("--inner-lr", "--update_lr", "inner SGD learning rate", type=_positive_float)
+        flag("--inner-steps", "--update_step", "inner SGD steps in training", type=pos)
+        flag("--test-steps", "--update_step_test", "inner SGD steps at validation and test time", type=pos)
+    else:
+        p.set_defaults(inner_lr=None, inner_steps=0, test_steps=0, first_order=False, first_order_steps=0)
     flag("--steps", None, "meta-steps of training (MAML-Pytorch's --epoch counts otherwise)", type=nonneg)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.get("lr_schedule", "constant"),
                    help="meta learning rate: constant, or cosine decay from --meta-lr to 0 at --steps "
                         f"(default {d.get('lr_schedule', 'constant')})")
-    flag("--first-order-steps", None, "first-order (FOMAML) warm-up: the first N meta-steps skip "
-         "second-order terms", type=nonneg)
-    p.add_argument("--first-order", action="store_true", help="first-order MAML (FOMAML) throughout")
+    if inner_loop:
+        flag("--first-order-steps", None, "first-order (FOMAML) warm-up: the first N meta-steps skip "
+             "second-order terms", type=nonneg)
+        p.add_argument("--first-order", action="store_true", help="first-order MAML (FOMAML) throughout")
     flag("--chunk-size", None, "vmap this many tasks at a time in the meta-step (0: all at once)", type=nonneg)
     flag("--eval-query", None, "query images per class in validation and test tasks", type=pos, default=15)
     flag("--eval-tasks", None, "test tasks (mean and 95%% CI)", type=pos, default=600)
@@ -136,8 +142,12 @@ def check(p: argparse.ArgumentParser, args, *, num_classes: int, per_class: int)
 # ----------------------------------------------------------------------------------- model
 
 
-def conv4(key, *, in_channels: int, ways: int, channels: int, image_size: int, pool: str) -> torch.nn.Module:
+def conv4(key, *, in_channels: int, ways: int, channels: int, image_size: int, pool: str,
+          track_running_stats: bool = False) -> torch.nn.Module:
     """Finn et al.'s conv4: 4 x [3x3 conv, BatchNorm (batch statistics), ReLU], then a linear head.
+
+    `track_running_stats=True` gives the batch norms running-statistics buffers, used only in eval mode
+    (MAML++'s per-step statistics); metabatch's vmapped rules normalise with batch statistics in training.
 
     ``pool="stride"`` (their Omniglot net): stride-2 convolutions, 28 -> 14 -> 7 -> 4 -> 2.
     ``pool="max"`` (their mini-ImageNet net): stride-1 convolutions, each followed by 2x2 max-pooling,
@@ -147,7 +157,7 @@ def conv4(key, *, in_channels: int, ways: int, channels: int, image_size: int, p
     for i in range(4):
         stride = 2 if pool == "stride" else 1
         layers += [torch.nn.Conv2d(in_channels if i == 0 else channels, channels, 3, stride, padding=1),
-                   torch.nn.BatchNorm2d(channels, track_running_stats=False), torch.nn.ReLU()]
+                   torch.nn.BatchNorm2d(channels, track_running_stats=track_running_stats), torch.nn.ReLU()]
         if pool == "max":
             layers.append(torch.nn.MaxPool2d(2))
     body = torch.nn.Sequential(*layers, torch.nn.Flatten())
@@ -225,13 +235,57 @@ def _to(batch, device):
     return optree.tree_map(lambda t: t.to(device, non_blocking=True), batch)
 
 
+# ------------------------------------------------------------------------------- methods
+
+
+@dataclasses.dataclass
+class Method:
+    """What a meta-step and an evaluation compute. `maml_method` is plain MAML from the flags; the
+    scripts build others (MAML++ in maml_omniglot.py, prototypical networks in protonet_omniglot.py).
+
+    `meta_loss(model, params, batch, step) -> scalar` is back-propagated and stepped by Adam;
+    `evaluator(model, params, device)` returns `batch -> per-task accuracy [T]` for one round of
+    validation or testing; `extra` holds meta-parameters outside the model (learned inner rates),
+    optimised and checkpointed with it; `stream_args` names more flags a resumed run must share;
+    `adapt(params, x, labels, device) -> predict(query_x)`, if given, adapts to one task (Lake et al.'s
+    one-shot runs); `None` for plain MAML's.
+    """
+
+    name: str
+    meta_loss: object
+    evaluator: object
+    extra: dict = dataclasses.field(default_factory=dict)
+    stream_args: tuple = ()
+    adapt: object = None
+
+
+def maml_method(args) -> Method:
+    """Second-order MAML (FOMAML with --first-order, a first-order warm-up with --first-order-steps)."""
+    def meta_loss(model, params, batch, step):
+        first_order = args.first_order or step < args.first_order_steps
+        return maml.meta_loss(mb.nn.objective(model, F.cross_entropy), params, batch["context"], batch["target"],
+                              steps=args.inner_steps, lr=args.inner_lr, first_order=first_order,
+                              chunk_size=args.chunk_size or None)
+
+    def evaluator(model, params, device):
+        loss_fn = mb.nn.objective(model, F.cross_entropy)
+        acc_fn = mb.nn.objective(model, mb.nn.accuracy)
+
+        def per_task(batch):
+            return maml.evaluate(loss_fn, params, batch["context"], batch["target"], steps=args.test_steps,
+                                 lr=args.inner_lr, metric_fn=acc_fn).per_task_metric
+        return per_task
+
+    return Method("FOMAML" if args.first_order else "MAML", meta_loss, evaluator)
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 
-def accuracy_on(model, params, sample_task, *, num_tasks: int, seed: int, args, device) -> torch.Tensor:
+def accuracy_on(model, params, sample_task, *, num_tasks: int, seed: int, args, device,
+                method: Method | None = None) -> torch.Tensor:
     """Per-task query accuracy of ``num_tasks`` fixed tasks (``batch_specs(seed, ...)``), float64 [T]."""
-    loss_fn = mb.nn.objective(model, F.cross_entropy)
-    acc_fn = mb.nn.objective(model, mb.nn.accuracy)
+    per_task_accuracy = (method or maml_method(args)).evaluator(model, params, device)
     batch_size = min(args.eval_batch, num_tasks)
     specs = mb.batch_specs(seed, num_tasks=num_tasks, batch_size=batch_size, n_ctx=args.shots,
                            n_tgt=args.eval_query, num_batches=math.ceil(num_tasks / batch_size))
@@ -240,9 +294,7 @@ def accuracy_on(model, params, sample_task, *, num_tasks: int, seed: int, args, 
     per_task = []
     for batch in loader:
         batch = _to(batch, device)
-        ev = maml.evaluate(loss_fn, params, batch["context"], batch["target"], steps=args.test_steps,
-                           lr=args.inner_lr, metric_fn=acc_fn)
-        per_task.append(ev.per_task_metric.double().cpu())
+        per_task.append(per_task_accuracy(batch).double().cpu())
     return torch.cat(per_task)[:num_tasks]
 
 
@@ -260,7 +312,7 @@ def save(path: pathlib.Path, state: dict) -> None:
     os.replace(tmp, path)  # never a half-written checkpoint
 
 
-def load_checkpoint(path: pathlib.Path, args) -> dict:
+def load_checkpoint(path: pathlib.Path, args, stream_args: tuple = ()) -> dict:
     if not path.is_file():
         raise SystemExit(f"--resume {path}: no such checkpoint; pass OUT/last.pt of an earlier run.")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -268,7 +320,7 @@ def load_checkpoint(path: pathlib.Path, args) -> dict:
         raise SystemExit(f"--resume {path}: this checkpoint holds no optimizer state (best.pt?); "
                          f"resume from last.pt.")
     saved = ckpt["args"]
-    changed = {k: (saved.get(k), getattr(args, k, None)) for k in STREAM_ARGS
+    changed = {k: (saved.get(k), getattr(args, k, None)) for k in STREAM_ARGS + tuple(stream_args)
                if saved.get(k) != getattr(args, k, None)}
     if changed:
         raise SystemExit(f"--resume {path}: these settings differ from the checkpoint's (saved, now): "
@@ -293,15 +345,22 @@ def rate_line(step: int, state: dict, args) -> str:
             f"{1000 * s / max(steps, 1):.0f} ms/step")
 
 
-def train(model, train_task, val_task, args, device, log) -> dict:
+def _load_extra(method: Method, saved: dict) -> None:
+    with torch.no_grad():
+        for k, v in method.extra.items():
+            v.copy_(saved[k])
+
+
+def train(model, train_task, val_task, args, device, log, method: Method | None = None) -> dict:
     """Meta-train ``model`` in place; returns the run state (history, validation curve, best, timing)."""
+    method = method or maml_method(args)
     params = mb.nn.params(model)
-    opt = torch.optim.Adam(params.values(), lr=args.meta_lr)
-    loss_fn = mb.nn.objective(model, F.cross_entropy)
+    opt = torch.optim.Adam([*params.values(), *method.extra.values()], lr=args.meta_lr)
     state = {"step": 0, "loss": [], "val": [], "best_acc": -1.0, "best_step": 0}
     if args.resume is not None:
-        ckpt = load_checkpoint(args.resume, args)
+        ckpt = load_checkpoint(args.resume, args, method.stream_args)
         model.load_state_dict(ckpt["model"])
+        _load_extra(method, ckpt.get("extra", {}))
         opt.load_state_dict(ckpt["opt"])
         state.update({k: ckpt[k] for k in ("step", "loss", "val", "best_acc", "best_step")})
         log(f"resumed from {args.resume} at step {state['step']} (best validation accuracy so far "
@@ -311,18 +370,20 @@ def train(model, train_task, val_task, args, device, log) -> dict:
 
     def checkpoint(step):
         save(args.out / "last.pt", {"step": step, "seed": args.seed, "model": model.state_dict(),
+                                    "extra": {k: v.detach() for k, v in method.extra.items()},
                                     "opt": opt.state_dict(), "args": _jsonable(args),
                                     **{k: state[k] for k in ("loss", "val", "best_acc", "best_step")}})
 
     def validate(step):
         acc = accuracy_on(model, params, val_task, num_tasks=args.val_tasks, seed=args.seed + 1, args=args,
-                          device=device)
+                          device=device, method=method)
         mean, ci = maml.mean_ci(acc)
-        state["val"].append([step, mean, ci])
+        state["val"].append([step, mean, ci, state["train_seconds"]])
         best = mean > state["best_acc"]
         if best:
             state["best_acc"], state["best_step"] = mean, step
             save(args.out / "best.pt", {"step": step, "model": model.state_dict(), "val_acc": mean,
+                                        "extra": {k: v.detach() for k, v in method.extra.items()},
                                         "args": _jsonable(args)})
         checkpoint(step)
         loss = sum(state["loss"][-50:]) / max(1, len(state["loss"][-50:]))
@@ -341,9 +402,7 @@ def train(model, train_task, val_task, args, device, log) -> dict:
     for spec, batch in zip(specs, loader):
         tic = time.perf_counter()
         batch = _to(batch, device)
-        first_order = args.first_order or spec.step < args.first_order_steps
-        loss = maml.meta_loss(loss_fn, params, batch["context"], batch["target"], steps=args.inner_steps,
-                              lr=args.inner_lr, first_order=first_order, chunk_size=args.chunk_size or None)
+        loss = method.meta_loss(model, params, batch, spec.step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.lr_schedule == "cosine":
@@ -398,11 +457,13 @@ def plot(state, args, path, title):
     plt.close(fig)
 
 
-def run(args, *, name: str, model_fn, train_task, val_task, evaluations, log=print) -> dict:
+def run(args, *, name: str, model_fn, train_task, val_task, evaluations, log=print, method=None) -> dict:
     """Train, keep the best model by validation accuracy, evaluate it, write metrics.json and the plot.
 
     ``evaluations``: ``[(label, fn)]``; ``fn(model, params, device) -> (dict, final_line)`` is run on the
-    best model; its dict goes to metrics.json under ``label``, its line is printed.
+    best model; its dict goes to metrics.json under `label`, its line is printed. `method`: a
+    `Method`, or `None` for `maml_method`; `method` may also be a function of the built
+    model returning one (for methods whose extra parameters depend on the model).
     """
     device = device_for(args)
     load = os.getloadavg()
@@ -410,9 +471,13 @@ def run(args, *, name: str, model_fn, train_task, val_task, evaluations, log=pri
     log(f"{name}: {sum(p.numel() for p in model.parameters())} parameters on {device.type}, "
         f"{args.ways}-way {args.shots}-shot, {args.meta_batch} tasks per meta-step, {args.query} query images "
         f"per class; load average {load[0]:.2f}")
-    state = train(model, train_task, val_task, args, device, log)
+    if callable(method) and not isinstance(method, Method):
+        method = method(model)
+    method = method or maml_method(args)
+    state = train(model, train_task, val_task, args, device, log, method)
     best = torch.load(args.out / "best.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])
+    _load_extra(method, best.get("extra", {}))
     params = {k: v.detach() for k, v in mb.nn.params(model).items()}
     results, lines = {}, []
     eval_tic = time.perf_counter()
@@ -422,7 +487,7 @@ def run(args, *, name: str, model_fn, train_task, val_task, evaluations, log=pri
     trained = state["step"] - state["start"]
     tasks_s = trained * args.meta_batch / max(state["train_seconds"], 1e-9)
     metrics = {
-        "method": "FOMAML" if args.first_order else "MAML",
+        "method": method.name,
         "example": name,
         "args": _jsonable(args),
         "device": device.type,
@@ -439,7 +504,8 @@ def run(args, *, name: str, model_fn, train_task, val_task, evaluations, log=pri
         "tasks_per_s": tasks_s,
         "images_per_s": tasks_s * args.ways * (args.shots + args.query),
         "best": {"step": state["best_step"], "val_accuracy": state["best_acc"]},
-        "validation": [{"step": s, "accuracy": a, "ci95": c} for s, a, c in state["val"]],
+        "validation": [{"step": v[0], "accuracy": v[1], "ci95": v[2],
+                        **({"train_seconds": v[3]} if len(v) > 3 else {})} for v in state["val"]],
         **results,
         "train_loss_every_10": state["loss"][::10],
     }
@@ -458,11 +524,15 @@ def run(args, *, name: str, model_fn, train_task, val_task, evaluations, log=pri
     return metrics
 
 
-def accuracy_eval(sample_task, args, what: str):
-    """An evaluation for :func:`run`: ``--eval-tasks`` tasks from ``sample_task``, mean ± 95 % CI."""
+def accuracy_eval(sample_task, args, what: str, method=None):
+    """An evaluation for `run`: `--eval-tasks` tasks from `sample_task`, mean ± 95 % CI.
+
+    `method`: the `Method` (or a zero-argument function returning it, for a method that
+    `run` builds from the model); `None` for plain MAML."""
     def fn(model, params, device):
+        m = method() if callable(method) and not isinstance(method, Method) else method
         acc = accuracy_on(model, params, sample_task, num_tasks=args.eval_tasks, seed=args.eval_seed,
-                          args=args, device=device)
+                          args=args, device=device, method=m)
         mean, ci = maml.mean_ci(acc)
         line = (f"final: {args.ways}-way {args.shots}-shot accuracy {100 * mean:.2f}% ± {100 * ci:.2f}% "
                 f"({len(acc)} tasks)")

@@ -2,7 +2,8 @@
 
 Explicit random keys, seeded batch specs, a parallel task loader that builds
 uniform batches of tasks in worker processes, and the MAML family as pure
-functions on `torch.func` (`grad` + `vmap` over the task dimension).
+functions on `torch.func` (`grad` + `vmap` over the task dimension), with
+differentiable inner-loop optimizers, MAML++, prototypical networks and implicit MAML.
 
 Examples:
     >>> import metabatch as mb
@@ -11,7 +12,7 @@ Examples:
     (3, 4)
 """
 
-from . import batching, checkpoint, distributed, maml, nn, random, runtime, tasks
+from . import batching, checkpoint, distributed, imaml, inner, maml, mamlpp, nn, protonet, random, runtime, tasks, typing
 from .compat import TaskLoader, TaskSet
 from .loader import TaskDataLoader, build_batch, stack, task_loader
 from .sampler import BatchSpec, BatchSpecs, batch_specs
@@ -22,6 +23,10 @@ __all__ = [
     "random",
     "tasks",
     "maml",
+    "inner",
+    "mamlpp",
+    "protonet",
+    "imaml",
     "nn",
     "batching",
     "distributed",

@@ -24,8 +24,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import optree
+import torch
 
-__all__ = ["callable_", "choice", "flag", "int_range", "integer", "interval", "number", "sizes"]
+__all__ = ["callable_", "choice", "flag", "int_range", "integer", "interval", "number", "rate", "sizes"]
 
 #: The largest size (points per task, tasks per batch, ...) any check accepts: far above what fits
 #: in memory, low enough that numpy and torch never overflow on it.
@@ -154,3 +156,59 @@ def interval(value: Any, name: str, fn: str, *, positive: bool = False, fixed_ok
         raise TypeError(f"{fn}(): {name} must be a number or a (low, high) pair, got {_got(value)}.")
     fixed = number(value, name, fn, low=0.0 if positive else None, strict_low=positive)
     return fixed, fixed
+
+
+def _is_number(value: Any) -> bool:
+    return ((isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)))
+            or (isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"))
+
+
+def is_traced(t: torch.Tensor) -> bool:
+    """Whether `t` belongs to a `torch.func` transform or a trace, so that its values must not be read."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.compiler.is_compiling():
+        return True
+    return type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
+
+
+def _tensor_rate(t: torch.Tensor, where: str, fn: str) -> torch.Tensor:
+    if not t.is_floating_point():
+        raise TypeError(f"{fn}(): {where} must be a floating-point tensor, got dtype {t.dtype}.")
+    if not is_traced(t) and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+        raise ValueError(f"{fn}(): {where} must be finite, got a tensor with NaN or infinite entries.")
+    return t
+
+
+def rate(value: Any, name: str, fn: str) -> Any:
+    """A learning rate: a number (Python or numpy; returned as a float), a tensor, or a pytree of them.
+
+    Every number must be finite, and so must every entry of a concrete tensor (tensors inside
+    `torch.func` transforms or a `torch.compile` trace are not read). Tensors must be
+    floating-point.
+
+    Raises:
+        TypeError: a leaf is neither a number nor a tensor (a bool, a string), or a tensor is not
+            floating-point.
+        ValueError: a number or a concrete tensor entry is NaN or infinite; the message names the leaf.
+    """
+    if isinstance(value, torch.Tensor):
+        return _tensor_rate(value, name, fn)
+    if _is_number(value):
+        out = float(value)
+        if not math.isfinite(out):
+            raise ValueError(f"{fn}(): {name} must be finite, got {out!r}.")
+        return out
+    paths, leaves, spec = optree.tree_flatten_with_path(value)
+    if not leaves:
+        raise TypeError(f"{fn}(): {name} must be a number, a tensor, or a pytree of them like the parameters, "
+                        f"got {_got(value)}.")
+    out = []
+    for path, leaf in zip(paths, leaves):
+        where = name + "".join(f"[{k!r}]" for k in path)
+        if isinstance(leaf, torch.Tensor):
+            out.append(_tensor_rate(leaf, where, fn))
+        elif _is_number(leaf):
+            out.append(rate(leaf, where, fn))
+        else:
+            raise TypeError(f"{fn}(): every leaf of {name} must be a number or a tensor, got {where} = "
+                            f"{_got(leaf)}.")
+    return optree.tree_unflatten(spec, out)

@@ -1,5 +1,6 @@
 """metabatch.maml: meta-gradients against an explicit per-task autograd loop, in float64."""
 
+import inspect
 import itertools
 
 import optree
@@ -446,13 +447,13 @@ def test_errors_name_the_bad_value_and_the_fix():
         maml.meta_loss(loss_fn, params, support, short)
     with pytest.raises(TypeError, match="structure of params"):
         maml.meta_loss(loss_fn, params, support, query, lr={"0.weight": 0.1})
-    with pytest.raises(ValueError, match="steps must be an int >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"meta_loss\(\): steps must be >= 0, got -1"):
         maml.meta_loss(loss_fn, params, support, query, steps=-1)
-    with pytest.raises(ValueError, match="steps must be an int >= 0, got 1.5"):
+    with pytest.raises(TypeError, match=r"adapt\(\): steps must be an int, got 1.5 \(float\)"):
         maml.adapt(loss_fn, params, support, steps=1.5)
     with pytest.raises(ValueError, match="randomness must be one of"):
         maml.meta_loss(loss_fn, params, support, query, randomness="maybe")
-    with pytest.raises(ValueError, match="chunk_size must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
         maml.meta_loss(loss_fn, params, support, query, chunk_size=0)
     with pytest.raises(ValueError, match="mask selects no parameter"):
         maml.meta_loss(loss_fn, params, support, query, mask=lambda name: False)
@@ -507,3 +508,87 @@ def test_remat_replays_the_random_draws():
     assert keyed[0].item() == keyed[1].item()
     assert_close_grads(torch.autograd.grad(keyed[0], list(params.values())),
                        torch.autograd.grad(keyed[1], list(params.values())))
+
+
+# ------------------------------------------------------------ faults (issue 13, item 8)
+
+
+def test_empty_task_batch_is_a_clear_error():
+    net = mlp()
+    loss_fn = mnn.objective(net, F.cross_entropy)
+    support, query = classification_batch((2,), seed=30)
+    empty = at(support, slice(0, 0)), at(query, slice(0, 0))
+    params = mnn.params(net)
+    for kw in ({}, {"remat": True}, {"remat": True, "chunk_size": 2}):
+        with pytest.raises(ValueError, match=r"meta_loss\(\): the batch holds no tasks .*support\[0\]: 0"):
+            maml.meta_loss(loss_fn, params, *empty, **kw)
+    with pytest.raises(ValueError, match=r"evaluate\(\): the batch holds no tasks"):
+        maml.evaluate(loss_fn, params, *empty)
+    with pytest.raises(ValueError, match=r"reptile_grad\(\): the batch holds no tasks"):
+        maml.reptile_grad(loss_fn, params, empty[0])
+
+
+def test_integer_buffer_among_params_is_named():
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 3))
+    loss_fn = mnn.objective(net, F.cross_entropy)
+    support, query = classification_batch((2,), seed=31)
+    state = dict(net.state_dict(keep_vars=True))  # parameters and buffers, num_batches_tracked among them
+    with pytest.raises(TypeError, match=r"params\['1.num_batches_tracked'\] is a torch.int64 tensor.*mask="):
+        maml.meta_loss(loss_fn, state, support, query)
+    floats = lambda name: not name.endswith("num_batches_tracked")
+    assert torch.isfinite(maml.meta_loss(loss_fn, state, support, query, mask=floats))
+
+
+def test_numpy_learning_rates_are_numbers():
+    import numpy as np
+
+    net = mlp()
+    loss_fn = mnn.objective(net, F.cross_entropy)
+    support, query = classification_batch((2,), seed=32)
+    params = mnn.params(net)
+    for lr in (np.float32(0.25), np.float64(0.25), np.array(0.25)):
+        got = maml.meta_loss(loss_fn, params, support, query, lr=lr)
+        assert got.item() == maml.meta_loss(loss_fn, params, support, query, lr=0.25).item()
+    rates = {k: np.float32(0.25) for k in params}
+    assert maml.meta_loss(loss_fn, params, support, query, lr=rates).item() == pytest.approx(got.item(), rel=1e-15)
+
+
+def test_nan_inside_an_lr_pytree_is_rejected_like_a_top_level_nan():
+    net = mlp()
+    loss_fn = mnn.objective(net, F.cross_entropy)
+    support, query = classification_batch((2,), seed=33)
+    params = mnn.params(net)
+    bad = {k: torch.full_like(p, 0.1) for k, p in params.items()}
+    bad["2.weight"][1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"meta_loss\(\): lr\['2.weight'\] must be finite"):
+        maml.meta_loss(loss_fn, params, support, query, lr=bad)
+    with pytest.raises(ValueError, match=r"adapt\(\): lr\['0.bias'\] must be finite, got inf"):
+        maml.adapt(loss_fn, params, at(support, 0), lr={**{k: 0.1 for k in params}, "0.bias": float("inf")})
+    with pytest.raises(ValueError, match=r"evaluate\(\): lr must be finite, got a tensor with NaN"):
+        maml.evaluate(loss_fn, params, support, query, lr=torch.tensor(float("nan")))
+    # Inside torch.func transforms the values are not read (they are traced), and nothing breaks.
+    good = {k: torch.full_like(p, 0.1) for k, p in params.items()}
+    plain = {k: p.detach() for k, p in params.items()}
+    grads = torch.func.grad(lambda r: maml.meta_loss(loss_fn, plain, support, query, lr=r))(good)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_options_pass_one_set_of_inner_loop_options_to_all_three():
+    from metabatch import inner
+
+    net = mlp()
+    loss_fn = mnn.objective(net, F.cross_entropy)
+    support, query = classification_batch((2,), seed=34)
+    params = mnn.params(net)
+    opts = maml.Options(steps=2, inner=inner.momentum(0.2), mask=lambda n: n.startswith("4."), chunk_size=2)
+    a = maml.meta_loss(loss_fn, params, support, query, **opts._asdict())
+    b = maml.meta_loss(loss_fn, params, support, query, steps=2, inner=inner.momentum(0.2),
+                       mask=lambda n: n.startswith("4."))
+    assert a.item() == pytest.approx(b.item(), rel=1e-14)
+    ev = maml.evaluate(loss_fn, params, support, query, **opts._asdict())
+    assert ev.loss == pytest.approx(a.item(), rel=1e-12)
+    g = maml.reptile_grad(loss_fn, params, support, **opts._asdict())
+    assert all((g[k] == 0).all() for k in params if not k.startswith("4."))
+    assert set(maml.Options._fields) <= set(inspect.signature(maml.reptile_grad).parameters)
+    assert set(maml.Options._fields) <= set(inspect.signature(maml.evaluate).parameters)
+    assert set(maml.Options._fields) <= set(inspect.signature(maml.meta_loss).parameters)
