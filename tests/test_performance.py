@@ -186,7 +186,7 @@ def test_maml_benchmark_cuda_refuses_cleanly_without_cuda(tmp_path):
 def test_maml_benchmark_structure_on_cpu(tmp_path):
     """A tiny run of benchmarks/maml.py writes its JSON with the rows, ratios and the machine."""
     out = _bench("maml.py", "--workloads", "W1", "--steps", "1", "--anchors", "metabatch,torch.func loop",
-                 "--smoke", "--out", tmp_path)
+                 "--quick", "--out", tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     saved = json.loads((tmp_path / "maml.json").read_text())
     assert {r["anchor"] for r in saved["results"]} == {"metabatch", "torch.func loop"}
@@ -204,3 +204,10 @@ def test_loader_pin_memory_row_refuses_cleanly_without_cuda():
         sys.path.remove(str(ROOT / "benchmarks"))
     result = loader_bench.pin_memory_row(batches=4, workers=0)
     assert result == {"skipped": "CUDA is not available: pin_memory + non_blocking needs a GPU"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_loader_pin_memory_flag_refuses_cleanly_without_cuda(tmp_path):
+    out = _bench("loader.py", "--pin-memory", "--out", tmp_path)
+    assert out.returncode == 2 and "needs a GPU" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "loader_pin_memory.json").exists()
