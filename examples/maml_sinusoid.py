@@ -188,15 +188,16 @@ def make_meta_step(loss_fn, trainable: dict, opt: torch.optim.Adam, *, steps: in
 
     Args:
         loss_fn: ``loss_fn(params, data)`` of one task.
-        trainable: ``{"params": params}``, plus ``"lr": rates`` for Meta-SGD: the tensors ``opt`` updates,
-            in ``optree.tree_leaves`` order.
-        opt: a ``torch.optim.Adam`` over ``optree.tree_leaves(trainable)`` (one parameter group).
+        trainable: ``{"params": params}``, plus ``"lr": rates`` for Meta-SGD: the tensors ``opt`` updates.
+        opt: a ``torch.optim.Adam`` over the tensors of ``trainable``, in any order (one parameter group).
         steps: inner steps; lr: the inner learning rate when ``trainable`` has no ``"lr"``;
             first_order: FOMAML.
     """
     leaves = optree.tree_leaves(trainable)
-    if len(opt.param_groups) != 1 or list(opt.param_groups[0]["params"]) != leaves:
-        raise ValueError("make_meta_step(): opt must hold optree.tree_leaves(trainable), in one parameter group.")
+    if len(opt.param_groups) != 1 or ({id(p) for p in opt.param_groups[0]["params"]} != {id(t) for t in leaves}
+                                      or len(opt.param_groups[0]["params"]) != len(leaves)):
+        raise ValueError("make_meta_step(): opt must be an Adam over the tensors of trainable "
+                         "(optree.tree_leaves(trainable)), in one parameter group.")
     init_adam_state(opt)
     state = [opt.state[p] for p in leaves]
     exp_avgs = [s["exp_avg"] for s in state]
