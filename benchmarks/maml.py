@@ -28,6 +28,8 @@ Anchors:
     metabatch compiled (recipe)   torch.compile(fullgraph=True) of the whole step as one graph:
                     torch.func.grad_and_value + torch.optim.adam.adam (docs/performance.md;
                     examples/maml_sinusoid.py's make_meta_step) (W1)
+    metabatch compiled (recipe, cpp_wrapper)  the same with Inductor's C++ wrapper (options=
+                    {"cpp_wrapper": True}): the kernels are called from C++, not Python (W1)
     jax             jit(grad(mean(vmap(task)))) + optax.adam (W1)
 
 Every (workload, steps, anchor) runs in its own process, so that peak memory is its own and one
@@ -81,7 +83,8 @@ WORKLOADS = {
 ANCHORS = {
     "cpu": {
         "W1": ["higher", "learn2learn", "torch.func loop", "vmap (naive)", "metabatch",
-               "metabatch compiled (natural)", "metabatch compiled (recipe)", "jax"],
+               "metabatch compiled (natural)", "metabatch compiled (recipe)",
+               "metabatch compiled (recipe, cpp_wrapper)", "jax"],
         "W2": ["higher", "higher (THP)", "learn2learn", "torch.func loop", "vmap (naive)", "metabatch",
                "metabatch (THP off)", "metabatch channels_last=False", "metabatch accumulate=2",
                "metabatch chunk=2", "metabatch remat chunk=2"],
@@ -97,7 +100,7 @@ DEFAULT_WORKLOADS = {"cpu": "W1,W2", "cuda": "W1,W2,W2-32"}
 # Environment of one anchor's process on top of the run's (the allocator levers).
 ANCHOR_ENV = {"higher (THP)": {"THP_MEM_ALLOC_ENABLE": "1"},
               "metabatch (THP off)": {"THP_MEM_ALLOC_ENABLE": "0"}}
-COMPILED = {"metabatch compiled (natural)", "metabatch compiled (recipe)"}
+COMPILED = {"metabatch compiled (natural)", "metabatch compiled (recipe)", "metabatch compiled (recipe, cpp_wrapper)"}
 METABATCH_ANCHORS = "metabatch"  # every anchor whose name starts with it imports metabatch
 
 
@@ -233,10 +236,11 @@ def make_step(workload, anchor, steps, l2l_src, device="cpu"):
 
     loss_fn = mnn.objective(model, criterion)
     params = mnn.params(model)
-    if anchor == "metabatch compiled (recipe)":
+    if anchor.startswith("metabatch compiled (recipe"):
         example = load_sinusoid_example()
+        options = {"cpp_wrapper": True} if "cpp_wrapper" in anchor else None
         meta_step = torch.compile(example.make_meta_step(loss_fn, {"params": params}, opt, steps=steps, lr=lr),
-                                  fullgraph=True)
+                                  fullgraph=True, options=options)
         start = time.perf_counter()
         meta_step(support, query)
         compile_s = time.perf_counter() - start
