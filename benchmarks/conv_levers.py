@@ -39,9 +39,10 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's metabatch, not an installed one
-import metabatch as mb  # noqa: E402  (first: it sets THP_MEM_ALLOC_ENABLE=1 unless set, as in a user's script)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+# metabatch first: it sets THP_MEM_ALLOC_ENABLE=1 unless set, before torch allocates, as in a user's script
+import metabatch as mb  # isort: skip
+import torch  # isort: skip
+import torch.nn.functional as F  # isort: skip
 
 T, SUPPORT, QUERY, C = 8, 5, 75, 64
 LAYERS = [(1, 28), (C, 14), (C, 7), (C, 3)]  # (input channels, side) of the 4 convolutions

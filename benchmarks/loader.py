@@ -513,12 +513,13 @@ def pin_memory_row(batches: int = 200, workers: int = 2, workload: str = "medium
                                    num_batches=batches + 5)
             loader = mb.task_loader(TASKS[workload], specs, num_workers=workers, pin_memory=pin)
             it = iter(loader)
+            move = functools.partial(torch.Tensor.to, device=device, non_blocking=pin)
             for _ in range(5):
-                optree.tree_map(lambda x: x.to(device, non_blocking=pin), next(it))
+                optree.tree_map(move, next(it))
             torch.cuda.synchronize()
             start, tasks = time.perf_counter(), 0
             for batch in it:
-                moved = optree.tree_map(lambda x: x.to(device, non_blocking=pin), batch)
+                moved = optree.tree_map(move, batch)
                 torch.cuda.synchronize()
                 tasks += optree.tree_leaves(moved)[0].shape[0]
             runs[name].append(tasks / (time.perf_counter() - start))
