@@ -212,3 +212,16 @@ def test_loader_pin_memory_flag_refuses_cleanly_without_cuda(tmp_path):
     out = _bench("loader.py", "--pin-memory", "--out", tmp_path)
     assert out.returncode == 2 and "needs a GPU" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "loader_pin_memory.json").exists()
+
+
+def test_compiled_meta_step_does_not_recompile():
+    """The second call reuses the first call's graph (a guard on the rules' thread-local state once made it
+    compile twice: the main job paid its compile time two times)."""
+    _, trainable, opt, loss_fn, batches = _sinusoid_setup()
+    step = torch.compile(SINUSOID["make_meta_step"](loss_fn, trainable, opt, steps=1, lr=0.01), fullgraph=True,
+                         backend="eager")
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in batches:
+            step(batch["context"], batch["target"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
