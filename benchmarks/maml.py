@@ -378,6 +378,36 @@ def child(spec):
     print(json.dumps(out))
 
 
+def child_interleaved(spec):
+    """Build every anchor of ``spec["anchors"]`` in this process and alternate them step by step.
+
+    For a noisy (shared) machine: every anchor sees the same moments of contention, and the median
+    of single-step times drops the steps another process interrupted. The allocator setting is this
+    process's (THP_MEM_ALLOC_ENABLE from the environment; metabatch sets it to 1 unless set).
+    """
+    import torch
+
+    steps_of, compile_s = {}, {}
+    for anchor in spec["anchors"]:
+        torch.manual_seed(0)
+        if anchor == "jax":
+            steps_of[anchor], compile_s[anchor] = make_jax_step(spec["workload"], spec["steps"])
+        else:
+            steps_of[anchor], compile_s[anchor] = make_step(spec["workload"], anchor, spec["steps"],
+                                                            spec["l2l_src"])
+        for _ in range(spec["warmup"]):
+            steps_of[anchor]()
+    times = {anchor: [] for anchor in spec["anchors"]}
+    for _ in range(spec["rounds"]):
+        for anchor, step in steps_of.items():
+            for _ in range(spec["per_round"].get(anchor, spec["per_round"]["default"])):
+                t0 = time.perf_counter()
+                step()
+                times[anchor].append(time.perf_counter() - t0)
+    print(json.dumps({a: {"ms": 1000 * statistics.median(t), "reps": len(t), "compile_s": compile_s[a]}
+                      for a, t in times.items()}))
+
+
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -460,12 +490,19 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, one round (a smoke run)")
     parser.add_argument("--thp-pass", action="store_true",
                         help="also run every W2 anchor with THP_MEM_ALLOC_ENABLE=1 (the allocator for all)")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
+                        help="instead: time all selected anchors of a (workload, steps) in one process, "
+                             "alternating them for ROUNDS rounds (a noisy machine); writes maml_interleaved.json, "
+                             "no memory figures; the anchors that set their own environment are left out")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-interleaved", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
+    if args.child_interleaved:
+        return child_interleaved(json.loads(args.child_interleaved))
     name = "maml" if args.device == "cpu" else "maml_cuda"
     out = pathlib.Path(args.out)
     if args.replot:
@@ -501,6 +538,8 @@ def main():
                             "min_reps": (2 if args.quick else 5) if heavy else (5 if args.quick else 20),
                             "max_reps": 10 if heavy else 2000, "min_seconds": 0 if args.quick else 3.0}
                     specs.append((spec, env_name, env))
+    if args.interleaved:
+        return interleaved(args, specs, info, out, workloads)
     runs = {i: [] for i in range(len(specs))}
     cache_dirs = {}
     for r in range(rounds):
@@ -523,6 +562,44 @@ def main():
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(rows, out / f"{name}.png", info)
     for line in summary + result["targets"]:
+        print(line)
+
+
+def interleaved(args, specs, info, out, workloads):
+    """One process per (workload, steps): its anchors alternate step by step; medians of single steps."""
+    groups = {}
+    for spec, env_name, _ in specs:
+        if env_name == "default" and spec["anchor"] not in ANCHOR_ENV:
+            groups.setdefault((spec["workload"], spec["steps"]), []).append(spec["anchor"])
+    rows = []
+    for (workload, steps), anchors in groups.items():
+        heavy = workload.startswith("W2")
+        spec = {"workload": workload, "steps": steps, "anchors": anchors, "l2l_src": args.l2l_src,
+                "rounds": args.interleaved, "warmup": 1 if heavy else 10,
+                "per_round": {"default": 1 if heavy else 20, "higher": 1 if heavy else 2,
+                              "learn2learn": 1 if heavy else 2, "torch.func loop": 1 if heavy else 2}}
+        paths = [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+        proc = subprocess.run([sys.executable, __file__, "--child-interleaved", json.dumps(spec)], capture_output=True,
+                              text=True, env=env, check=False)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            print(f"{workload} {steps}-step: failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1][:300]}")
+            continue
+        for anchor, r in json.loads(lines[-1]).items():
+            rows.append({"workload": workload, "steps": steps, "anchor": anchor, "env": "default", "device": "cpu",
+                         "timing": "interleaved", "ms": r["ms"], "reps": r["reps"], "compile_s": r["compile_s"]})
+            print(f"{workload} {steps}-step {anchor:30s} {r['ms']:9.2f} ms (median of {r['reps']} steps)", flush=True)
+    info["load_average_end"] = os.getloadavg()
+    info["interleaved_rounds"] = args.interleaved
+    info["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    lines = [line for line in ratios(rows) if "peak memory" not in line]
+    result = {"machine": info, "workloads": {w: WORKLOADS[w] for w in workloads},
+              "notes": [("ms: median of single meta-steps, all anchors of a (workload, steps) in one process, "
+                         "alternating (--interleaved); no memory figures in this mode.")] + NOTES[2:],
+              "results": rows, "ratios": lines}
+    (out / "maml_interleaved.json").write_text(json.dumps(result, indent=1) + "\n")
+    for line in lines:
         print(line)
 
 
@@ -566,8 +643,8 @@ def ratios(rows):
             if other:
                 parts.append(f"{other['ms'] / r['ms']:.2f}x vs {ref}")
         higher = _row(rows, r["workload"], r["steps"], "higher", r["env"])
-        if higher and r["workload"].startswith("W2"):
-            key = "peak_cuda_mb" if "peak_cuda_mb" in r else "peak_rss_mb"
+        key = "peak_cuda_mb" if "peak_cuda_mb" in r else "peak_rss_mb"
+        if higher and r["workload"].startswith("W2") and r.get(key) and higher.get(key):
             parts.append(f"peak memory {r[key] / higher[key]:.2f}x higher's")
         if r.get("compile_cold_s") is not None:
             parts.append(f"compile {r['compile_cold_s']:.1f} s cold"
