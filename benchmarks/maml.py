@@ -599,6 +599,7 @@ def interleaved(args, specs, info, out, workloads):
                          "alternating (--interleaved); no memory figures in this mode.")] + NOTES[2:],
               "results": rows, "ratios": lines}
     (out / "maml_interleaved.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(rows, out / "maml_interleaved.png", info)
     for line in lines:
         print(line)
 
