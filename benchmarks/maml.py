@@ -387,6 +387,7 @@ def child_interleaved(spec):
     """
     import torch
 
+    torch.set_num_threads(1)  # one thread for every anchor: no OpenMP pool spinning between them
     steps_of, compile_s = {}, {}
     for anchor in spec["anchors"]:
         torch.manual_seed(0)
@@ -565,6 +566,10 @@ def main():
         print(line)
 
 
+# One thread for JAX too, as for torch, in the --interleaved process.
+INTERLEAVED_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
 def interleaved(args, specs, info, out, workloads):
     """One process per (workload, steps): its anchors alternate step by step; medians of single steps."""
     groups = {}
@@ -579,7 +584,7 @@ def interleaved(args, specs, info, out, workloads):
                 "per_round": {"default": 1 if heavy else 20, "higher": 1 if heavy else 2,
                               "learn2learn": 1 if heavy else 2, "torch.func loop": 1 if heavy else 2}}
         paths = [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), XLA_FLAGS=INTERLEAVED_XLA_FLAGS)
         proc = subprocess.run([sys.executable, __file__, "--child-interleaved", json.dumps(spec)], capture_output=True,
                               text=True, env=env, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -593,10 +598,13 @@ def interleaved(args, specs, info, out, workloads):
     info["load_average_end"] = os.getloadavg()
     info["interleaved_rounds"] = args.interleaved
     info["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    info["threads"] = f"torch 1, XLA_FLAGS={INTERLEAVED_XLA_FLAGS}"
     lines = [line for line in ratios(rows) if "peak memory" not in line]
     result = {"machine": info, "workloads": {w: WORKLOADS[w] for w in workloads},
               "notes": [("ms: median of single meta-steps, all anchors of a (workload, steps) in one process, "
-                         "alternating (--interleaved); no memory figures in this mode.")] + NOTES[2:],
+                         "alternating (--interleaved), one intra-op thread for torch and for JAX (with two, "
+                         "the OpenMP pool spinning after one anchor slowed the next by up to 10x); no memory "
+                         "figures in this mode.")] + NOTES[2:],
               "results": rows, "ratios": lines}
     (out / "maml_interleaved.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(rows, out / "maml_interleaved.png", info)
