@@ -15,6 +15,7 @@ Two questions, each answered as a ratio measured in one sitting:
 
     python benchmarks/sinusoid.py                      # both: ~3 min + the main job (~2-4 min)
     python benchmarks/sinusoid.py --skip-main-job      # only idle vs busy (~3 min)
+    python benchmarks/sinusoid.py --skip-shared-cores  # only the main job against JAX
     python benchmarks/sinusoid.py --quick --out /tmp/s # a smoke run (200 steps, one round, 1 000-step job)
 
 Writes benchmarks/results/sinusoid_speed.json and sinusoid_speed.png.
@@ -115,16 +116,19 @@ def plot(result: dict, path: pathlib.Path) -> None:
         print("matplotlib missing: no plot")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
-    shared = result["shared_cores"]
+    shared = result.get("shared_cores")
     ax = axes[0]
-    names = ["idle", "one core busy"]
-    values = [shared["idle_ms_per_step"], shared["busy_ms_per_step"]]
-    ax.bar(names, values, color=["tab:gray", "tab:orange"])
-    for i, (k, v) in enumerate(zip(("idle", "busy"), values)):
-        ax.scatter([i] * len(shared["rounds"][k]), shared["rounds"][k], color="k", s=8, zorder=3)
-        ax.text(i, v, f" {v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set_title(f"main job, {shared['steps']} steps, default flags: ms/step (busy/idle "
-                 f"{shared['busy_over_idle']:.2f}x)", fontsize=8)
+    if shared:
+        names = ["idle", "one core busy"]
+        values = [shared["idle_ms_per_step"], shared["busy_ms_per_step"]]
+        ax.bar(names, values, color=["tab:gray", "tab:orange"])
+        for i, (k, v) in enumerate(zip(("idle", "busy"), values)):
+            ax.scatter([i] * len(shared["rounds"][k]), shared["rounds"][k], color="k", s=8, zorder=3)
+            ax.text(i, v, f" {v:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"main job, {shared['steps']} steps, default flags: ms/step (busy/idle "
+                     f"{shared['busy_over_idle']:.2f}x)", fontsize=8)
+    else:
+        ax.axis("off")
     ax = axes[1]
     main = result.get("main_job")
     if main:
@@ -145,6 +149,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="idle / busy pairs, interleaved (default 3)")
     parser.add_argument("--main-steps", type=int, default=70_000, help="steps of the main job (default 70000)")
     parser.add_argument("--skip-main-job", action="store_true", help="only the idle / busy comparison")
+    parser.add_argument("--skip-shared-cores", action="store_true", help="only the main job against JAX")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 200 steps, 1 round, a 1 000-step job")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--replot", action="store_true")
@@ -159,7 +164,25 @@ def main():
     work = pathlib.Path(tempfile.mkdtemp(prefix="sinusoid-bench-"))
     cache = str(work / "inductor")
 
-    # 1. idle vs one busy core, default flags, a warm compile cache
+    result = {"machine": info}
+    if not args.skip_shared_cores:
+        result["shared_cores"] = shared_cores(args, cache, work)
+    if not args.skip_main_job:
+        result["main_job"] = main_job(args, work)
+    info["load_average_end"] = os.getloadavg()
+    previous = out / "sinusoid_speed.json"
+    if previous.exists():  # keep the part this run skipped
+        old = json.loads(previous.read_text())
+        for part in ("shared_cores", "main_job"):
+            if part not in result and part in old:
+                result[part] = old[part]
+    previous.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out / "sinusoid_speed.png")
+    print(f"wrote {previous}")
+
+
+def shared_cores(args, cache, work) -> dict:
+    """ms/step of the default-flag job, idle against one busy core, interleaved rounds (a warm cache)."""
     common = ["--steps", str(args.steps)] + (["--eval-tasks", "50"] if args.quick else [])
     warm = run_example(common, cache, work / "warm")
     print(f"warm-up run (compiles, untimed): first step {warm['first_step_s']:.1f} s", flush=True)
@@ -174,32 +197,29 @@ def main():
         print(f"round {r + 1}: idle {idle['ms_per_step']:.2f} ms/step, busy {busy['ms_per_step']:.2f} ms/step "
               f"(the busy loop held {busy_core.cores:.2f} cores)", flush=True)
     idle_ms, busy_ms = statistics.median(rounds["idle"]), statistics.median(rounds["busy"])
-    result = {"machine": info, "shared_cores": {
-        "steps": args.steps, "threads": warm["threads"], "rounds": rounds, "idle_ms_per_step": idle_ms,
-        "busy_ms_per_step": busy_ms, "busy_over_idle": busy_ms / idle_ms, "goal": "<= 1.6",
-        "first_step_s_warm_cache": warm["first_step_s"]}}
-
-    # 2. the full protocol from a cold cache against 70 000 JAX steps, same sitting
-    if not args.skip_main_job:
-        before = jax_step_ms()
-        job = run_example(["--steps", str(args.main_steps)] + (["--eval-tasks", "50"] if args.quick else []),
-                          str(work / "cold-inductor"), work / "main")
-        after = jax_step_ms()
-        jax_ms = statistics.median([before["ms"], after["ms"]])
-        ratio = job["wall_s"] / (args.main_steps * jax_ms / 1000)
-        result["main_job"] = {"steps": args.main_steps, "wall_s": job["wall_s"], "train_s": job["train_s"],
-                              "first_step_s_cold_cache": job["first_step_s"], "ms_per_step": job["ms_per_step"],
-                              "post_adaptation_mse": job["mse"], "mse_ci95": job["mse_ci95"],
-                              "jax_step_ms": jax_ms, "jax_step_ms_before_after": [before["ms"], after["ms"]],
-                              "jax_compile_s": before["compile_s"], "ratio_to_jax": ratio, "goal_ratio": 2.5}
-        print(f"main job: {job['wall_s']:.1f} s wall (first step {job['first_step_s']:.1f} s cold, "
-              f"{job['ms_per_step']:.2f} ms/step), MSE {job['mse']:.3f}; JAX step {jax_ms:.3f} ms: "
-              f"{ratio:.2f} x {args.main_steps} JAX steps (goal <= 2.5)", flush=True)
-    info["load_average_end"] = os.getloadavg()
-    (out / "sinusoid_speed.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out / "sinusoid_speed.png")
     print(f"idle {idle_ms:.2f} ms/step, one core busy {busy_ms:.2f} ms/step: busy/idle {busy_ms / idle_ms:.2f} "
-          f"(goal <= 1.6); wrote {out}/sinusoid_speed.json")
+          f"(goal <= 1.6)", flush=True)
+    return {"steps": args.steps, "threads": warm["threads"], "rounds": rounds, "idle_ms_per_step": idle_ms,
+            "busy_ms_per_step": busy_ms, "busy_over_idle": busy_ms / idle_ms, "goal": "<= 1.6",
+            "first_step_s_warm_cache": warm["first_step_s"], "load_average": os.getloadavg()}
+
+
+def main_job(args, work) -> dict:
+    """The full protocol from a cold compile cache, against JAX's W1 step measured before and after it."""
+    before = jax_step_ms()
+    job = run_example(["--steps", str(args.main_steps)] + (["--eval-tasks", "50"] if args.quick else []),
+                      str(work / "cold-inductor"), work / "main")
+    after = jax_step_ms()
+    jax_ms = statistics.median([before["ms"], after["ms"]])
+    ratio = job["wall_s"] / (args.main_steps * jax_ms / 1000)
+    print(f"main job: {job['wall_s']:.1f} s wall (first step {job['first_step_s']:.1f} s cold, "
+          f"{job['ms_per_step']:.2f} ms/step), MSE {job['mse']:.3f}; JAX step {jax_ms:.3f} ms: "
+          f"{ratio:.2f} x {args.main_steps} JAX steps (goal <= 2.5)", flush=True)
+    return {"steps": args.main_steps, "wall_s": job["wall_s"], "train_s": job["train_s"],
+            "first_step_s_cold_cache": job["first_step_s"], "ms_per_step": job["ms_per_step"],
+            "post_adaptation_mse": job["mse"], "mse_ci95": job["mse_ci95"], "jax_step_ms": jax_ms,
+            "jax_step_ms_before_after": [before["ms"], after["ms"]], "jax_compile_s": before["compile_s"],
+            "ratio_to_jax": ratio, "goal_ratio": 2.5, "load_average": os.getloadavg()}
 
 
 if __name__ == "__main__":
