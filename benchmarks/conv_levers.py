@@ -155,6 +155,7 @@ def main():
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
+    info = machine()
     groups = {"step0": step0_cases()}
     for layer in range(4):
         groups[f"query layer {layer + 1}"] = query_cases(layer)
@@ -181,7 +182,6 @@ def main():
             q["grouped NCHW"]["ms"] / q["grouped channels-last"]["ms"])
         ratios[f"query layer {layer}: loop channels-last / grouped channels-last"] = (
             q["loop channels-last"]["ms"] / q["grouped channels-last"]["ms"])
-    info = machine()
     info["load_average_end"] = os.getloadavg()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
