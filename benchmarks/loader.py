@@ -489,6 +489,47 @@ def plot(result, path):
 # ------------------------------------------------------------------------------ main
 
 
+# ------------------------------------------------------------------- pin_memory to a GPU
+
+
+def pin_memory_row(batches: int = 200, workers: int = 2, workload: str = "medium") -> dict:
+    """tasks/s of task_loader batches carried to the GPU: pageable + blocking copy vs pin_memory + non_blocking.
+
+    Each batch's leaves go to ``cuda`` with ``.to(device, non_blocking=pin)`` and the step ends with
+    one ``torch.cuda.synchronize()``, as a training loop's next kernel would wait for them. The two
+    settings run interleaved, 3 repeats each, after 5 warm-up batches; returns the medians and their
+    ratio. Without CUDA it returns ``{"skipped": reason}`` and measures nothing.
+    """
+    import metabatch as mb
+
+    if not torch.cuda.is_available():
+        return {"skipped": "CUDA is not available: pin_memory + non_blocking needs a GPU"}
+    cfg = WORKLOADS[workload]
+    device = torch.device("cuda")
+    runs = {"pageable, blocking": [], "pin_memory, non_blocking": []}
+    for repeat in range(3):
+        for name, pin in (("pageable, blocking", False), ("pin_memory, non_blocking", True)):
+            specs = mb.batch_specs(SEED + repeat, NUM_TASKS, BATCH, cfg["n_ctx"], cfg["n_tgt"],
+                                   num_batches=batches + 5)
+            loader = mb.task_loader(TASKS[workload], specs, num_workers=workers, pin_memory=pin)
+            it = iter(loader)
+            move = functools.partial(torch.Tensor.to, device=device, non_blocking=pin)
+            for _ in range(5):
+                optree.tree_map(move, next(it))
+            torch.cuda.synchronize()
+            start, tasks = time.perf_counter(), 0
+            for batch in it:
+                moved = optree.tree_map(move, batch)
+                torch.cuda.synchronize()
+                tasks += optree.tree_leaves(moved)[0].shape[0]
+            runs[name].append(tasks / (time.perf_counter() - start))
+            del it, loader
+    med_ = {name: statistics.median(v) for name, v in runs.items()}
+    return {"workload": workload, "workers": workers, "batches": batches, "tasks_per_s": med_, "repeats": runs,
+            "gpu": torch.cuda.get_device_name(0),
+            "pinned_over_pageable": med_["pin_memory, non_blocking"] / med_["pageable, blocking"]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run (seconds)")
@@ -508,8 +549,20 @@ def main():
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
                         help="race only these methods (default: all)")
+    parser.add_argument("--pin-memory", action="store_true",
+                        help="only the GPU row: pin_memory + non_blocking against pageable copies "
+                             "(writes loader_pin_memory.json; needs CUDA)")
     parser.add_argument("--child-mb091", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pin_memory:
+        row = pin_memory_row(batches=20 if args.quick else 200)
+        if "skipped" in row:
+            parser.error(f"--pin-memory: {row['skipped']}")
+        pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(args.out) / "loader_pin_memory.json").write_text(
+            json.dumps({"machine": machine(), "pin_memory": row}, indent=1) + "\n")
+        print(json.dumps(row["tasks_per_s"]), f"pinned/pageable {row['pinned_over_pageable']:.2f}x")
+        return
     if args.child_mb091:
         print(json.dumps(child_mb091(json.loads(args.child_mb091))))
         return

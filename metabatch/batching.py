@@ -276,7 +276,7 @@ def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
     # Only the query pass (innermost transform a vmap) goes channels-last: under an inner grad
     # (the support pass) the stock rule is as fast and keeps the layout contiguous, which the
     # native batch-norm double backward wants.
-    if (isinstance(padding, str) or input.dim() != 4 or not getattr(_state, "channels_last", True)
+    if (isinstance(padding, str) or input.dim() != 4 or not _state.channels_last
             or _innermost() != _VMAP or not (_is_batched(input) or _is_batched(weight))):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return _Conv.apply(input, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
@@ -379,7 +379,20 @@ class _BatchingRules(TorchFunctionMode):
         return rule(*args, **(kwargs or {}))
 
 
-_state = threading.local()
+class _State(threading.local):
+    """Per-thread: whether the rules are installed, and the layout they use.
+
+    Both attributes exist from each thread's first access on (``threading.local`` runs
+    ``__init__`` per thread): ``torch.compile`` guards on them, and an attribute that appeared
+    only after the first call made every compiled meta-step compile twice.
+    """
+
+    def __init__(self):
+        self.active = False
+        self.channels_last = True
+
+
+_state = _State()
 
 
 @contextlib.contextmanager
@@ -411,7 +424,7 @@ def batching_rules(enabled: bool = True, *, channels_last: bool = True):
         >>> torch.allclose(y, torch.stack([bn(xi) for xi in x]), atol=1e-6)
         True
     """
-    if not enabled or getattr(_state, "active", False):
+    if not enabled or _state.active:
         yield
         return
     _state.active, _state.channels_last = True, bool(channels_last)

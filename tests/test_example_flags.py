@@ -24,7 +24,6 @@ SHARED = ("--threads", "--num-workers", "--resume", "--out")
 # fails here until its entry is removed.
 NOT_YET = {
     "maml_omniglot.py": "--threads defaults to torch's count in examples/_fewshot.py (algorithms engineer)",
-    "maml_sinusoid.py": "--threads and --resume (speed engineer)",
     "protonet_omniglot.py": "--threads defaults to torch's count in examples/_fewshot.py (algorithms)",
 }
 

@@ -22,7 +22,7 @@ def run_example(name, *args):
 @pytest.mark.parametrize("extra", [[], ["--meta-sgd"], ["--first-order", "--inner-steps", "2"]])
 def test_maml_sinusoid_smoke(tmp_path, capsys, extra):
     metrics = run_example("maml_sinusoid.py", "--steps", 3, "--meta-batch", 4, "--eval-tasks", 20,
-                          "--num-workers", 0, "--no-progress", "--out", tmp_path, *extra)
+                          "--num-workers", 0, "--no-progress", "--eager", "--out", tmp_path, *extra)
     out = capsys.readouterr().out
     final = [line for line in out.splitlines() if line.startswith("final:")]
     assert len(final) == 1 and "(K=10, 1 step, 20 tasks)" in final[0]
@@ -33,7 +33,8 @@ def test_maml_sinusoid_smoke(tmp_path, capsys, extra):
 
 
 def test_maml_sinusoid_is_reproducible(tmp_path):
-    args = ("--steps", 5, "--meta-batch", 3, "--eval-tasks", 10, "--num-workers", 0, "--no-progress")
+    args = ("--steps", 5, "--meta-batch", 3, "--eval-tasks", 10, "--num-workers", 0, "--no-progress", "--eager",
+            "--threads", 1)
     a = run_example("maml_sinusoid.py", *args, "--out", tmp_path / "a")
     b = run_example("maml_sinusoid.py", *args, "--num-workers", 2, "--out", tmp_path / "b")
     assert a["train_loss_every_100"] == b["train_loss_every_100"]

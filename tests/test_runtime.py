@@ -1,8 +1,20 @@
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import metabatch as mb
 from metabatch import runtime
+
+
+def _thp_setting() -> str:
+    try:
+        return pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "[never]"
 
 
 def test_default_threads_leaves_a_core_per_worker(monkeypatch):
@@ -40,3 +52,32 @@ def test_bad_arguments(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
     assert torch.get_num_threads() == before
+
+
+PROBE = """
+import os, torch, metabatch
+x = torch.empty(2 ** 24)
+x.fill_(1.0)
+huge, inside = 0, False
+for line in open("/proc/self/smaps"):
+    head = line.split()[0]
+    if "-" in head and not head.endswith(":"):
+        lo, hi = (int(v, 16) for v in head.split("-"))
+        inside = lo <= x.data_ptr() < hi
+    elif inside and head == "AnonHugePages:":
+        huge = int(line.split()[1])
+print(os.environ["THP_MEM_ALLOC_ENABLE"], huge > 0)
+"""
+
+
+def _probe(env):
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/smaps").exists()
+                    or "[never]" in _thp_setting(), reason="needs Linux with transparent huge pages")
+def test_import_turns_on_huge_pages_for_large_tensors_unless_the_user_chose():
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    assert _probe(env) == ["1", "True"]  # torch took it up: the 64 MB tensor sits on huge pages
+    assert _probe({**env, "THP_MEM_ALLOC_ENABLE": "0"}) == ["0", "False"]
