@@ -40,9 +40,9 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's metabatch, not an installed one
 # metabatch first: it sets THP_MEM_ALLOC_ENABLE=1 unless set, before torch allocates, as in a user's script
-import metabatch as mb  # isort: skip
-import torch  # isort: skip
-import torch.nn.functional as F  # isort: skip
+import metabatch as mb  # noqa: E402 isort: skip
+import torch  # noqa: E402 isort: skip
+import torch.nn.functional as F  # noqa: E402 isort: skip
 
 T, SUPPORT, QUERY, C = 8, 5, 75, 64
 LAYERS = [(1, 28), (C, 14), (C, 7), (C, 3)]  # (input channels, side) of the 4 convolutions

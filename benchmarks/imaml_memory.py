@@ -119,7 +119,7 @@ def plot(rows, path, info):
         return
     names = sorted({r["workload"] for r in rows})
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.4), squeeze=False)
-    for ax, workload in zip(axes.flat, names):
+    for ax, workload in zip(axes.flat, names, strict=True):
         for method, color in (("maml", "tab:gray"), ("imaml", "tab:orange")):
             sel = sorted((r for r in rows if r["workload"] == workload and r["method"] == method and "peak_mb" in r),
                          key=lambda r: r["steps"])
@@ -183,7 +183,8 @@ def main():
                            f"{pair['imaml']['peak_mb'] / pair['maml']['peak_mb']:.2f}x MAML's memory")
     notes = [("peak_mb: the meta-step's own peak (ru_maxrss after the step minus ru_maxrss after building the "
               "workload; CUDA: max_memory_allocated minus allocated), one process per row."),
-             "maml: second-order maml.meta_loss + backward + Adam; imaml: imaml.meta_grad (lam, cg_steps below) + Adam.",
+             "maml: second-order maml.meta_loss + backward + Adam; "
+             "imaml: imaml.meta_grad (lam, cg_steps below) + Adam.",
              f"iMAML lam={args.lam}, cg_steps={args.cg_steps}; inner SGD with the workload's lr in both."]
     (out / "imaml_memory.json").write_text(json.dumps({"machine": info, "notes": notes, "results": rows,
                                                        "summary": summary}, indent=1) + "\n")

@@ -47,7 +47,7 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"])
     start, losses = ckpt["step"], []
     loader = mb.task_loader(sample_task, specs.replace(start=start), num_workers=args.num_workers)
-    for step, batch in enumerate(loader, start):  # specs.replace(start=k): the exact stream from step k on
+    for _step, batch in enumerate(loader, start):  # specs.replace(start=k): the exact stream from step k on
         loss = maml.meta_loss(loss_fn, mb.nn.params(model), batch["context"], batch["target"], lr=0.3)
         opt.zero_grad()
         loss.backward()

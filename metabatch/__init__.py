@@ -12,7 +12,21 @@ Examples:
     (3, 4)
 """
 
-from . import batching, checkpoint, distributed, imaml, inner, maml, mamlpp, nn, protonet, random, runtime, tasks, typing
+from . import (
+    batching,
+    checkpoint,
+    distributed,
+    imaml,
+    inner,
+    maml,
+    mamlpp,
+    nn,
+    protonet,
+    random,
+    runtime,
+    tasks,
+    typing,
+)
 from .compat import TaskLoader, TaskSet
 from .loader import TaskDataLoader, build_batch, stack, task_loader
 from .sampler import BatchSpec, BatchSpecs, batch_specs
@@ -32,6 +46,7 @@ __all__ = [
     "distributed",
     "checkpoint",
     "runtime",
+    "typing",
     "BatchSpec",
     "BatchSpecs",
     "batch_specs",

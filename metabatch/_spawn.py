@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import pickle
 import sys
+import types
 from typing import Any
 
 import numpy as np
@@ -121,7 +122,8 @@ def _script(path: str):
         except (OSError, SyntaxError, ValueError):
             _SCRIPTS[(path, stamp)] = None
         else:
-            names, guards = set(), []
+            names: set[str] = set()
+            guards: list[tuple[int, int]] = []
             _bound(tree.body, names, guards)
             _SCRIPTS[(path, stamp)] = names, guards
     return _SCRIPTS[(path, stamp)]
@@ -202,7 +204,7 @@ def check_iteration(method: str, fn: str) -> None:
     if script is None:
         return
     _, guards = script
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "<module>" and frame.f_globals is getattr(main, "__dict__", None):
             line = frame.f_lineno

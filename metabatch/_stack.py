@@ -40,7 +40,7 @@ def add_note(err: BaseException, note: str) -> None:
     if hasattr(err, "add_note"):
         err.add_note(note)
     else:  # Python 3.10: keep the context where tools can still find it
-        err.__notes__ = getattr(err, "__notes__", []) + [note]
+        err.__notes__ = getattr(err, "__notes__", []) + [note]  # type: ignore[attr-defined]
 
 
 _INT64 = (-2**63, 2**63 - 1)
@@ -111,7 +111,7 @@ class Layout:
     def __init__(self, treespec, dtypes, shapes, kinds):
         self.treespec, self.dtypes, self.shapes, self.kinds = treespec, dtypes, shapes, kinds
         self.offsets, self._cuts, offset = [], [], 0
-        for dtype, shape in zip(dtypes, shapes):
+        for dtype, shape in zip(dtypes, shapes, strict=True):
             offset = -(-offset // _ALIGN) * _ALIGN
             size = math.prod(shape) * dtype.itemsize
             self.offsets.append(offset)
@@ -126,7 +126,7 @@ class Layout:
 
     def arrays(self, raw: np.ndarray) -> list:
         """Each stacked leaf as a view of `raw` (flat uint8): numpy where numpy has the dtype."""
-        out = []
+        out: list[np.ndarray | torch.Tensor] = []
         for shape, np_dtype, offset, size, dtype in self._cuts:
             if np_dtype is not None and size:
                 out.append(np.ndarray(shape, np_dtype, raw, offset))
@@ -150,7 +150,7 @@ class Layout:
     def torch_views(self, buf: torch.Tensor) -> list:
         """Views of a flat uint8 tensor cut in torch (for pinned or non-CPU buffers)."""
         return [buf[off:off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-                for off, dtype, shape in zip(self.offsets, self.dtypes, self.shapes)]
+                for off, dtype, shape in zip(self.offsets, self.dtypes, self.shapes, strict=True)]
 
 
 _LAYOUTS: dict = {}  # (treespec, num_tasks, default dtype, (type, dtype, shape) of each leaf) -> Layout
@@ -159,10 +159,10 @@ _MAX_LAYOUTS = 1024
 
 def layout_of(treespec, leaves: list, num_tasks: int, spec=None) -> Layout:
     """The (cached) layout of a batch of `num_tasks` tasks whose task 0 has these leaves (of `spec`)."""
-    key = [treespec, num_tasks, torch.get_default_dtype()]
+    parts = [treespec, num_tasks, torch.get_default_dtype()]
     for leaf in leaves:
-        key += (type(leaf), getattr(leaf, "dtype", None), getattr(leaf, "shape", None))
-    key = tuple(key)
+        parts += (type(leaf), getattr(leaf, "dtype", None), getattr(leaf, "shape", None))
+    key = tuple(parts)
     layout = _LAYOUTS.get(key)
     if layout is None:
         metas = [_leaf_meta(leaf, i, treespec, spec) for i, leaf in enumerate(leaves)]
@@ -194,7 +194,7 @@ def _diagnose(spec, outs, err: BaseException | None = None, leaf: int | None = N
         leaves, other = optree.tree_flatten(outs[j])
         if other != treespec:
             return _mismatch(spec, j, f"pytree structure {treespec} vs {other}")
-        for path, a, b in zip(paths, first, leaves):
+        for path, a, b in zip(paths, first, leaves, strict=True):
             sa, sb = tuple(getattr(a, "shape", ())), tuple(getattr(b, "shape", ()))
             if sa != sb:
                 return _mismatch(spec, j, f"leaf {path_str(path)} has shape {sa} vs {sb}")
@@ -239,15 +239,15 @@ def fill(outs: list, spec, alloc=_plain):
     """
     leaves, treespec = optree.tree_flatten(outs[0])
     try:
-        columns = list(zip(leaves, *[treespec.flatten_up_to(out) for out in outs[1:]]))
+        columns = list(zip(leaves, *[treespec.flatten_up_to(out) for out in outs[1:]], strict=True))
     except (ValueError, TypeError) as err:
         raise _diagnose(spec, outs) from err
     layout = layout_of(treespec, leaves, len(outs), spec)
     raw = alloc(layout.nbytes)
     i = None
     try:
-        for i, (column, view, kind, shape, first) in enumerate(zip(columns, layout.arrays(raw), layout.kinds,
-                                                                   layout.shapes, leaves)):
+        rows = zip(columns, layout.arrays(raw), layout.kinds, layout.shapes, leaves, strict=True)
+        for i, (column, view, kind, shape, first) in enumerate(rows):  # noqa: B007 (i names the leaf on error)
             if kind == _ARRAY:
                 for leaf in column:
                     if leaf.shape != first.shape:  # concatenate alone would not see it

@@ -17,7 +17,7 @@ def num_tasks(fn: str, **batches) -> int:
         paths, leaves, _ = optree.tree_flatten_with_path(batch)
         if not leaves:
             raise ValueError(f"{fn}(): {name} has no tensors.")
-        for path, leaf in zip(paths, leaves):
+        for path, leaf in zip(paths, leaves, strict=True):
             where = name + "".join(f"[{k!r}]" for k in path)
             if not isinstance(leaf, torch.Tensor):
                 raise TypeError(f"{fn}(): {where} must be a tensor with a leading task dimension, "

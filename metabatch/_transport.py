@@ -89,10 +89,11 @@ class Sender:
         self.pid = os.getpid()
         self.token = int.from_bytes(os.urandom(8), "little")
         self.hello = True  # the main process has not heard of this token yet
-        self.layouts = {}  # _stack.Layout -> id, for layouts sent
-        self.flags = None  # the pool's shared flags, made with the first pooled buffer
+        self.layouts: dict[_stack.Layout, int] = {}  # for layouts sent: their ids
+        self.flags: torch.Tensor | None = None  # the pool's shared flags, made with the first pooled buffer
+        self._flags: np.ndarray | None = None  # their numpy view
         self.flags_sent = False
-        self.bufs = [None] * _POOL_SLOTS  # (shared uint8 tensor, its numpy view)
+        self.bufs: list[tuple[torch.Tensor, np.ndarray] | None] = [None] * _POOL_SLOTS  # (shared tensor, numpy view)
         self.gens = [0] * _POOL_SLOTS  # bumped whenever a slot gets a new buffer
         self.sent = [-1] * _POOL_SLOTS  # generation of each slot that the main process holds
         # At the worker's exit (a weak reference: a Sender made outside a worker may die first).
@@ -107,13 +108,16 @@ class Sender:
 
     def take(self, nbytes: int):
         """`(slot, generation, tensor, raw)`: a shared buffer of at least `nbytes`; slot None if one-off."""
-        if self.flags is None:
+        flags = self._flags
+        if flags is None:
             self.flags = torch.zeros(_POOL_SLOTS, dtype=torch.uint8).share_memory_()
-            self._flags = self.flags.numpy()
-        flags, bufs, free = self._flags, self.bufs, None
+            flags = self._flags = self.flags.numpy()
+        bufs, free = self.bufs, None
         for slot in range(_POOL_SLOTS):
             if flags[slot] == _FREE:
-                if bufs[slot] is not None and bufs[slot][1].size >= nbytes:
+                buf = bufs[slot]
+                if buf is not None and buf[1].size >= nbytes:
+                    found = buf
                     break
                 if free is None:
                     free = slot
@@ -123,20 +127,21 @@ class Sender:
                 return None, 0, tensor, tensor.numpy()
             slot = free
             tensor = torch.empty(nbytes + nbytes // 4, dtype=torch.uint8).share_memory_()  # n_ctx/n_tgt vary
-            bufs[slot] = tensor, tensor.numpy()
+            found = bufs[slot] = tensor, tensor.numpy()
             self.gens[slot] += 1
         flags[slot] = _BUSY
-        return (slot, self.gens[slot]) + bufs[slot]
+        return (slot, self.gens[slot]) + found
 
     def release(self, slot: int) -> None:
-        self._flags[slot] = _FREE
+        if self._flags is not None:
+            self._flags[slot] = _FREE
 
     def message(self, layout: _stack.Layout, slot, gen: int, data) -> Message:
         hello = os.getpid() if self.hello else None
         self.hello = False
         layout_id = self.layouts.get(layout)
         new_layout = layout_id is None
-        if new_layout:
+        if layout_id is None:
             if len(self.layouts) >= _MAX_SENT_LAYOUTS:
                 self.layouts.clear()  # the main process drops its copies when it sees id 0 again
             layout_id = self.layouts[layout] = len(self.layouts)
@@ -144,8 +149,9 @@ class Sender:
         if slot is not None:
             if not self.flags_sent:
                 flags, self.flags_sent = self.flags, True
-            if self.sent[slot] != gen:
-                buf, self.sent[slot] = self.bufs[slot][0], gen
+            pooled = self.bufs[slot]
+            if self.sent[slot] != gen and pooled is not None:
+                buf, self.sent[slot] = pooled[0], gen
         return Message(self.token, hello, flags, layout_id, layout if new_layout else None, slot, gen, buf,
                        data)
 
@@ -191,7 +197,9 @@ class Remote:
     __slots__ = ("bufs", "flags", "layouts", "pid")
 
     def __init__(self, pid: int):
-        self.pid, self.flags, self.layouts, self.bufs = pid, None, {}, {}
+        self.pid, self.flags = pid, None
+        self.layouts: dict[int, _stack.Layout] = {}
+        self.bufs: dict[int, tuple] = {}
 
 
 REMOTES: dict = {}  # worker token -> Remote

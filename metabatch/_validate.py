@@ -201,14 +201,14 @@ def rate(value: Any, name: str, fn: str) -> Any:
     if not leaves:
         raise TypeError(f"{fn}(): {name} must be a number, a tensor, or a pytree of them like the parameters, "
                         f"got {_got(value)}.")
-    out = []
-    for path, leaf in zip(paths, leaves):
+    rates: list[float | torch.Tensor] = []
+    for path, leaf in zip(paths, leaves, strict=True):
         where = name + "".join(f"[{k!r}]" for k in path)
         if isinstance(leaf, torch.Tensor):
-            out.append(_tensor_rate(leaf, where, fn))
+            rates.append(_tensor_rate(leaf, where, fn))
         elif _is_number(leaf):
-            out.append(rate(leaf, where, fn))
+            rates.append(rate(leaf, where, fn))
         else:
             raise TypeError(f"{fn}(): every leaf of {name} must be a number or a tensor, got {where} = "
                             f"{_got(leaf)}.")
-    return optree.tree_unflatten(spec, out)
+    return optree.tree_unflatten(spec, rates)

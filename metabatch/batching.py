@@ -158,7 +158,7 @@ class _BatchNormBackward(torch.autograd.Function):
         # Third order (rare): differentiate an exact mean/variance decomposition.
         gy, x, w = ctx.saved_tensors
         outs, vjp = torch.func.vjp(lambda gy, x, w: _bn_backward(gy, x, w, ctx.eps), gy, x, w)
-        cotangents = tuple(torch.zeros_like(o) if g is None else g for g, o in zip((ggx, ggw, ggb), outs))
+        cotangents = tuple(torch.zeros_like(o) if g is None else g for g, o in zip((ggx, ggw, ggb), outs, strict=True))
         g_gy, g_x, g_w = vjp(cotangents)
         return g_gy, g_x, (g_w if w is not None else None), None, None, None, None
 

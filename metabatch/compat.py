@@ -52,6 +52,7 @@ import abc
 import inspect
 import random as _py_random
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -140,17 +141,16 @@ class TaskSet(abc.ABC, torch.utils.data.Dataset):
         """
         n_context = int(rng.integers(self.min_pts, self.max_ctx_pts, endpoint=True))
         full = self.predict_full_target or (self.eval and self.predict_full_target_during_eval)
-        if full and self.total_tgt_pts is None:
-            raise ValueError(f"{type(self).__name__}: predict_full_target / predict_full_target_during_eval "
-                             f"(eval={self.eval}) need total_tgt_pts, the number of points of a full task; "
-                             f"pass total_tgt_pts=... to TaskSet.__init__.")
-        if self.predict_full_target:
-            n_target = self.total_tgt_pts
-        elif self.eval and self.predict_full_target_during_eval:
-            n_target = self.total_tgt_pts - n_context
-            if n_target < 1:
+        if full:
+            total = self.total_tgt_pts
+            if total is None:
+                raise ValueError(f"{type(self).__name__}: predict_full_target / predict_full_target_during_eval "
+                                 f"(eval={self.eval}) need total_tgt_pts, the number of points of a full task; "
+                                 f"pass total_tgt_pts=... to TaskSet.__init__.")
+            n_target = total if self.predict_full_target else total - n_context
+            if not self.predict_full_target and n_target < 1:
                 raise ValueError(f"{type(self).__name__}: in eval with predict_full_target_during_eval, n_target "
-                                 f"= total_tgt_pts - n_context = {self.total_tgt_pts} - {n_context} = {n_target}: "
+                                 f"= total_tgt_pts - n_context = {total} - {n_context} = {n_target}: "
                                  f"no target point is left. Make total_tgt_pts larger than max_ctx_pts="
                                  f"{self.max_ctx_pts}.")
         else:
@@ -175,6 +175,9 @@ class TaskSet(abc.ABC, torch.utils.data.Dataset):
     def __gettask__(self, index, n_context, n_target):
         """Build task `index` with `n_context` context and `n_target` target points."""
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # subclasses define it, as in 0.9.1 (nothing at run time: len() names a missing one)
+        def __len__(self) -> int: ...
 
 
 _TAKES_KEY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # TaskSet class -> takes a key
@@ -203,9 +206,9 @@ def _build(taskset: TaskSet, spec: BatchSpec) -> Tasks:
     n_ctx, n_tgt = spec.n_ctx, spec.n_tgt
     if _takes_key(taskset):
         outs = []
-        for j, (k, idx) in enumerate(zip(spec.task_keys(), spec.indices)):
+        for j, (k, idx) in enumerate(zip(spec.task_keys(), spec.indices, strict=True)):
             try:
-                outs.append(taskset.__gettask__(idx, n_ctx, n_tgt, key=k))
+                outs.append(taskset.__gettask__(idx, n_ctx, n_tgt, key=k))  # type: ignore[call-arg]
             except Exception as err:
                 _note(err, spec, j, idx, f"its key is metabatch.random.key_from_data({_random.key_data(k)}).")
                 raise

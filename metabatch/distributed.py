@@ -161,7 +161,7 @@ def _check_agreement(names: list, leaves: list, group, world_size: int, fn: str)
     averaging collectives abort, block until the process group's timeout, or
     return wrong sums silently.
     """
-    desc = [(name, tuple(t.shape), str(t.dtype)) for name, t in zip(names, leaves)]
+    desc = [(name, tuple(t.shape), str(t.dtype)) for name, t in zip(names, leaves, strict=True)]
     digest = hashlib.blake2b(repr(desc).encode(), digest_size=16).digest()
     words = [int.from_bytes(digest[i:i + 8], "little", signed=True) for i in (0, 8)] + [len(desc)]
     mine = torch.tensor(words, dtype=torch.int64, device=_device(leaves, group))
@@ -204,7 +204,7 @@ def _mean_over_ranks(tensors: list, group, world_size: int) -> list:
             flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
             _dist.all_reduce(flat, op=_dist.ReduceOp.SUM, group=group)
             flat.div_(world_size)
-            for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx]), strict=True):
                 out[i] = piece.view(tensors[i].shape)
     return out
 
@@ -300,7 +300,7 @@ def all_reduce_grads(params: Any, *, group: Any = None) -> None:
         names = [_path(p) for p in optree.tree_paths(params)]
     _check_tensors(leaves, "all_reduce_grads", "params")
     unique, unique_names, seen = [], [], set()
-    for name, p in zip(names, leaves):  # a tied parameter appears once
+    for name, p in zip(names, leaves, strict=True):  # a tied parameter appears once
         if id(p) not in seen:
             seen.add(id(p))
             unique.append(p)
@@ -318,8 +318,9 @@ def all_reduce_grads(params: Any, *, group: Any = None) -> None:
     live = [i for i, n in enumerate(flags.tolist()) if n > 0]
     local = [grads[i] if grads[i] is not None else torch.zeros_like(unique[i]) for i in live]
     with torch.no_grad():
-        for i, mean in zip(live, _mean_over_ranks(local, group, world_size)):
-            if grads[i] is not None:
-                grads[i].copy_(mean)
+        for i, mean in zip(live, _mean_over_ranks(local, group, world_size), strict=True):
+            grad = grads[i]
+            if grad is not None:
+                grad.copy_(mean)
             else:
                 unique[i].grad = mean

@@ -63,8 +63,8 @@ class MetaGrad(NamedTuple):
 
 def _dot(a, b, batched: bool):
     if not batched:
-        return sum((x * y).sum() for x, y in zip(a, b))
-    return sum((x * y).reshape(x.shape[0], -1).sum(1) for x, y in zip(a, b))
+        return sum((x * y).sum() for x, y in zip(a, b, strict=True))
+    return sum((x * y).reshape(x.shape[0], -1).sum(1) for x, y in zip(a, b, strict=True))
 
 
 def _scale(c, t, batched: bool):
@@ -108,11 +108,11 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, *, b
     for _ in range(steps):
         ap = matvec(p)
         alpha = _safe_div(rs, _dot(p, ap, batched))
-        x = [xi + _scale(alpha, pi, batched) for xi, pi in zip(x, p)]
-        r = [ri - _scale(alpha, api, batched) for ri, api in zip(r, ap)]
+        x = [xi + _scale(alpha, pi, batched) for xi, pi in zip(x, p, strict=True)]
+        r = [ri - _scale(alpha, api, batched) for ri, api in zip(r, ap, strict=True)]
         rs_new = _dot(r, r, batched)
         beta = _safe_div(rs_new, rs)
-        p = [ri + _scale(beta, pi, batched) for ri, pi in zip(r, p)]
+        p = [ri + _scale(beta, pi, batched) for ri, pi in zip(r, p, strict=True)]
         rs = rs_new
     return x
 
@@ -175,7 +175,7 @@ def meta_grad(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *
     paths, leaves, spec = optree.tree_flatten_with_path(params)
     if not leaves:
         raise ValueError(f"{fn}(): params has no leaves; pass e.g. metabatch.nn.params(model).")
-    for path, leaf in zip(paths, leaves):
+    for path, leaf in zip(paths, leaves, strict=True):
         if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
             what = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
             raise TypeError(f"{fn}(): params{''.join(f'[{k!r}]' for k in path)} must be a floating-point "
@@ -187,7 +187,8 @@ def meta_grad(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *
 
     def prox_loss(theta):
         def prox(phi, data):
-            reg = sum(((a - b) ** 2).sum() for a, b in zip(optree.tree_leaves(phi), optree.tree_leaves(theta)))
+            pairs = zip(optree.tree_leaves(phi), optree.tree_leaves(theta), strict=True)
+            reg = sum(((a - b) ** 2).sum() for a, b in pairs)
             return loss_fn(phi, data) + 0.5 * lam * reg
         return prox
 
@@ -207,10 +208,11 @@ def meta_grad(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *
     with torch.no_grad(), _batch.seeded(key, leaves), _batching.batching_rules(batch_rules):
         phi = vmapped(solve, (None, 0))(leaves, support)
         g, losses = vmapped(torch.func.grad_and_value(leaf_loss), (0, 0))(phi, query)
-        _, hvp = torch.func.vjp(lambda ls: vmapped(torch.func.grad(leaf_loss), (0, 0))(ls, support), phi)
+        _, hvp = torch.func.vjp(  # type: ignore[misc]  # (the stub also counts has_aux's third value)
+            lambda ls: vmapped(torch.func.grad(leaf_loss), (0, 0))(ls, support), phi)
 
         def matvec(v):
-            return [vi + hvi / lam for vi, hvi in zip(v, hvp(v)[0])]
+            return [vi + hvi / lam for vi, hvi in zip(v, hvp(v)[0], strict=True)]
 
         x = conjugate_gradient(matvec, list(g), cg_steps, batched=True)
     return MetaGrad(losses.mean(), optree.tree_unflatten(spec, [xi.mean(0) for xi in x]), losses)

@@ -88,7 +88,7 @@ class SgdState(NamedTuple):
         count: updates taken so far (a Python int).
     """
 
-    count: int
+    count: int  # type: ignore[assignment]  # optax's field name; it shadows tuple.count
 
 
 class MomentumState(NamedTuple):
@@ -100,7 +100,7 @@ class MomentumState(NamedTuple):
             update and for leaves that are not updated).
     """
 
-    count: int
+    count: int  # type: ignore[assignment]  # optax's field name; it shadows tuple.count
     trace: PyTree
 
 
@@ -113,7 +113,7 @@ class AdamState(NamedTuple):
         nu: the second moment, a pytree like the parameters.
     """
 
-    count: int
+    count: int  # type: ignore[assignment]  # optax's field name; it shadows tuple.count
     mu: PyTree
     nu: PyTree
 
@@ -138,8 +138,8 @@ def _rates_like(lr, grads, fn: str) -> list:
     r_paths, r_leaves, r_spec = optree.tree_flatten_with_path(lr, none_is_leaf=True)
     if r_spec == g_spec:
         return r_leaves
-    by_path = dict(zip(r_paths, r_leaves))
-    missing = [p for p, g in zip(g_paths, g_leaves) if g is not None and p not in by_path]
+    by_path = dict(zip(r_paths, r_leaves, strict=True))
+    missing = [p for p, g in zip(g_paths, g_leaves, strict=True) if g is not None and p not in by_path]
     if missing:
         raise TypeError(f"{fn}(): lr must be a number, a 0-d tensor, or a pytree with the structure of params "
                         f"(one rate per parameter); no rate for {['.'.join(map(str, p)) for p in missing]}."
@@ -211,7 +211,7 @@ def sgd(lr: Rate) -> Optimizer:
     def update(grads, state, params=None):
         rates = _rates_like(lr, grads, "sgd")
         leaves, spec = optree.tree_flatten(grads, none_is_leaf=True)
-        out = [None if g is None else -r * g for g, r in zip(leaves, rates)]
+        out = [None if g is None else -r * g for g, r in zip(leaves, rates, strict=True)]
         return optree.tree_unflatten(spec, out), SgdState(state.count + 1)
 
     return Optimizer(init, update)
@@ -263,7 +263,7 @@ def momentum(lr: Rate, momentum: float = 0.9, nesterov: bool = False) -> Optimiz
             raise ValueError(f"momentum(): the state holds {len(traces)} leaves, the gradients {len(leaves)}; "
                              f"init the state with the same parameters.")
         out, new = [], []
-        for g, b, r in zip(leaves, traces, rates):
+        for g, b, r in zip(leaves, traces, rates, strict=True):
             if g is None:
                 out.append(None)
                 new.append(None)
@@ -336,7 +336,7 @@ def adam(lr: Rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Opt
                              f"init the state with the same parameters.")
         bc1, bc2 = 1 - b1**t, 1 - b2**t
         out, new_mu, new_nu = [], [], []
-        for g, m, v, r in zip(leaves, mus, nus, rates):
+        for g, m, v, r in zip(leaves, mus, nus, rates, strict=True):
             if g is None:
                 out.append(None)
                 new_mu.append(None)
@@ -389,7 +389,7 @@ def lslr(rates: PyTree) -> Optimizer:
     paths, leaves, _ = optree.tree_flatten_with_path(rates)
     if not leaves:
         raise TypeError(f"lslr(): rates must be a pytree of tensors like the parameters, got {rates!r}.")
-    for path, leaf in zip(paths, leaves):
+    for path, leaf in zip(paths, leaves, strict=True):
         where = "rates" + "".join(f"[{k!r}]" for k in path)
         if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
             raise TypeError(f"lslr(): {where} must be a tensor with a leading step dimension ([steps] or "
@@ -406,7 +406,9 @@ def lslr(rates: PyTree) -> Optimizer:
     def update(grads, state, params=None):
         per_leaf = _rates_like(rates, grads, "lslr")
         g_leaves, g_spec = optree.tree_flatten(grads, none_is_leaf=True)
-        out = [None if g is None else -r[min(state.count, r.shape[0] - 1)] * g for g, r in zip(g_leaves, per_leaf)]
+        step = state.count
+        out = [None if g is None else -r[min(step, r.shape[0] - 1)] * g
+               for g, r in zip(g_leaves, per_leaf, strict=True)]
         return optree.tree_unflatten(g_spec, out), SgdState(state.count + 1)
 
     return Optimizer(init, update)

@@ -28,7 +28,7 @@ import pickletools
 import queue
 import signal
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -152,7 +152,7 @@ class _Collate:
 
     def __init__(self, collate_fn: Callable | None = None, fallback: Callable | None = None):
         self.collate_fn, self.fallback = collate_fn, fallback
-        self._sender = None  # made lazily, inside each worker
+        self._sender: _transport.Sender | None = None  # made lazily, inside each worker
 
     def __getstate__(self):
         return {**self.__dict__, "_sender": None}
@@ -176,7 +176,8 @@ class _Collate:
             return self.fallback(tasks.outputs)
 
 
-_SEEN = weakref.WeakKeyDictionary()  # DataLoader iterator -> tokens of the workers whose batches it yielded
+# DataLoader iterator -> tokens of the workers whose batches it yielded
+_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _seen_by(iterator) -> set:
@@ -201,7 +202,7 @@ def _start_method(context) -> str:
 class _Recorded:
     """A spec stream whose iterators remember the specs they gave out lately, by position."""
 
-    def __init__(self, specs: Iterable[BatchSpec], keep: int):
+    def __init__(self, specs: Sequence[BatchSpec], keep: int):
         self.specs, self.keep = specs, keep
 
     def __len__(self) -> int:
@@ -215,7 +216,8 @@ class _Recording:
     __slots__ = ("count", "it", "keep", "sent")
 
     def __init__(self, it, keep: int):
-        self.it, self.keep, self.sent, self.count = it, keep, {}, 0
+        self.it, self.keep, self.count = it, keep, 0
+        self.sent: dict[int, BatchSpec] = {}
 
     def __iter__(self):
         return self
@@ -387,9 +389,9 @@ class TaskDataLoader(torch.utils.data.DataLoader):
         if "timeout" in dataloader_options:
             timeout = _validate.number(dataloader_options["timeout"], "timeout", fn, low=0.0)
             if timeout > 0 and num_workers == 0:
-                raise ValueError(f"{fn}(): timeout={dataloader_options['timeout']!r} needs worker processes, but num_workers=0 builds "
-                                 f"batches in this process, where nothing can time out; pass num_workers>=1 or "
-                                 f"drop timeout.")
+                raise ValueError(f"{fn}(): timeout={dataloader_options['timeout']!r} needs worker processes, but "
+                                 f"num_workers=0 builds batches in this process, where nothing can time out; "
+                                 f"pass num_workers>=1 or drop timeout.")
         for name, f in (("collate_fn", collate_fn), ("fallback_collate", fallback_collate)):
             if f is not None:
                 _validate.callable_(f, name, fn)
@@ -410,7 +412,8 @@ class TaskDataLoader(torch.utils.data.DataLoader):
                         _spawn.check_importable(name, value, method, fn)
                 _spawn.check_main(method, fn)
         super().__init__(dataset, batch_size=None, sampler=specs, num_workers=num_workers,
-                         collate_fn=_Collate(collate_fn, fallback_collate), **dataloader_options)
+                         collate_fn=_Collate(collate_fn, fallback_collate),  # type: ignore[arg-type]  # takes Tasks
+                         **dataloader_options)
 
     def __iter__(self):
         if self.num_workers:  # not where spawned workers would run this loop again

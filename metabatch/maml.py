@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import optree
 import torch
@@ -159,7 +159,7 @@ def _flatten_params(params, fn: str):
     paths, leaves, spec = optree.tree_flatten_with_path(params)
     if not leaves:
         raise ValueError(f"{fn}(): params has no leaves; pass e.g. metabatch.nn.params(model).")
-    for path, leaf in zip(paths, leaves):
+    for path, leaf in zip(paths, leaves, strict=True):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"{fn}(): every leaf of params must be a tensor, got {_where(path)} = "
                             f"{type(leaf).__name__}.")
@@ -189,22 +189,22 @@ def _plan(fn: str, params, options: Options) -> _Plan:
     stepwise = [False] * len(leaves) if options.per_step is None else _select(
         options.per_step, params, spec, fn, "per_step")
     paths = optree.tree_flatten_with_path(params)[0]
-    for path, leaf, sw in zip(paths, leaves, stepwise):
+    for path, leaf, sw in zip(paths, leaves, stepwise, strict=True):
         if sw and leaf.dim() == 0:
             raise ValueError(f"{fn}(): per_step selects {_where(path)}, a 0-d tensor; per-step parameters have "
                              f"a leading step dimension.")
     keep = [True] * len(leaves) if options.mask is None else _select(options.mask, params, spec, fn, "mask")
-    keep = [k and not sw for k, sw in zip(keep, stepwise)]
+    keep = [k and not sw for k, sw in zip(keep, stepwise, strict=True)]
     if lr is not None and not (isinstance(lr, float) or (isinstance(lr, torch.Tensor) and lr.dim() == 0)):
         lr_paths, _, lr_spec = optree.tree_flatten_with_path(lr)
-        if lr_spec != spec and not {p for p, k in zip(paths, keep) if k} <= set(lr_paths):
+        if lr_spec != spec and not {p for p, k in zip(paths, keep, strict=True) if k} <= set(lr_paths):
             raise TypeError(f"{fn}(): lr must be a number, a scalar tensor, or a pytree with the structure "
                             f"of params (Meta-SGD), with a rate for every parameter it adapts."
                             f"\n  params: {spec}\n  lr:     {lr_spec}")
     if not any(keep) and steps > 0:
         raise ValueError(f"{fn}(): mask selects no parameter to adapt (per-step parameters are never adapted); "
                          f"names are {_paths(params)}.")
-    for path, leaf, k in zip(paths, leaves, keep):
+    for path, leaf, k in zip(paths, leaves, keep, strict=True):
         if k and not leaf.is_floating_point():
             raise TypeError(f"{fn}(): {_where(path)} is a {leaf.dtype} tensor, which cannot be adapted by "
                             f"gradient steps; leave integer buffers out of params (metabatch.nn.params(model) "
@@ -234,7 +234,7 @@ def _step_weights(weights, steps: int, fn: str):
 
 def _at_step(leaves, stepwise, s: int) -> list:
     """The leaves seen at inner step `s`: per-step leaves indexed (clamped to their last entry)."""
-    return [leaf[min(s, leaf.shape[0] - 1)] if sw else leaf for leaf, sw in zip(leaves, stepwise)]
+    return [leaf[min(s, leaf.shape[0] - 1)] if sw else leaf for leaf, sw in zip(leaves, stepwise, strict=True)]
 
 
 def _query_view(spec, leaves, stepwise, k: int):
@@ -248,20 +248,20 @@ def _trajectory(loss_fn, spec, leaves, opt, keep, stepwise, data, steps, first_o
 
     def inner_loss(moving, leaves, data, s):
         leaves = _at_step(leaves, stepwise, s)
-        for i, p in zip(idx, moving):
+        for i, p in zip(idx, moving, strict=True):
             leaves[i] = p
         return loss_fn(optree.tree_unflatten(spec, leaves), data)
 
     leaves = list(leaves)
     if steps == 0:
         return
-    state = opt.init(optree.tree_unflatten(spec, [p if k else None for p, k in zip(leaves, keep)]))
+    state = opt.init(optree.tree_unflatten(spec, [p if k else None for p, k in zip(leaves, keep, strict=True)]))
     for s in range(steps):
         grads = torch.func.grad(inner_loss)([leaves[i] for i in idx], leaves, data, s)
         full = [None] * len(leaves)
-        for i, g in zip(idx, grads):
+        for i, g in zip(idx, grads, strict=True):
             full[i] = g.detach() if first_order else g
-        moving = [p if k else None for p, k in zip(leaves, keep)]
+        moving = [p if k else None for p, k in zip(leaves, keep, strict=True)]
         updates, state = opt.update(optree.tree_unflatten(spec, full), state, optree.tree_unflatten(spec, moving))
         updates = spec.flatten_up_to(updates)
         for i in idx:
@@ -272,9 +272,9 @@ def _trajectory(loss_fn, spec, leaves, opt, keep, stepwise, data, steps, first_o
 
 def _adapt_leaves(loss_fn, plan, leaves, opt, data, first_order):
     out = list(leaves)
-    for out in _trajectory(loss_fn, plan.spec, leaves, opt, plan.keep, plan.stepwise, data, plan.steps,
-                           first_order):
-        pass
+    for after_step in _trajectory(loss_fn, plan.spec, leaves, opt, plan.keep, plan.stepwise, data, plan.steps,
+                                  first_order):
+        out = after_step
     return out
 
 
@@ -367,7 +367,8 @@ def _captured(opt) -> list[torch.Tensor]:
         values += list(getattr(fn, "args", ())) + list(getattr(fn, "keywords", {}).values())
         for value in values:
             if isinstance(value, (torch.Tensor, dict, list, tuple)):
-                found += [t for t in optree.tree_leaves(value) if isinstance(t, torch.Tensor) and t.requires_grad]
+                found += [t for t in optree.tree_leaves(cast(PyTree, value))
+                          if isinstance(t, torch.Tensor) and t.requires_grad]
     unique = {id(t): t for t in found}
     return list(unique.values())
 
@@ -509,7 +510,7 @@ def _remat_mean(task_fn, plan, batches, n_tasks):
     def chunk_loss(tensors, lo):
         if lr_spec is not None:
             rates = list(lr_leaves)
-            for i, v in zip(slots, tensors[len(leaves):]):
+            for i, v in zip(slots, tensors[len(leaves):], strict=True):
                 rates[i] = v
             opt = _inner.sgd(optree.tree_unflatten(lr_spec, rates))
         else:
@@ -548,11 +549,11 @@ class _Remat(torch.autograd.Function):
         total = [torch.zeros_like(x) for x in wanted]
         with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
             torch.set_rng_state(ctx.rng[0])
-            for d, state in zip(ctx.devices, ctx.rng[1]):
+            for d, state in zip(ctx.devices, ctx.rng[1], strict=True):
                 torch.cuda.set_rng_state(state, d)
             for lo in ctx.starts:
                 grads = torch.autograd.grad(ctx.chunk_loss(inputs, lo), wanted, allow_unused=True)
-                for acc, g in zip(total, grads):
+                for acc, g in zip(total, grads, strict=True):
                     if g is not None:
                         acc.add_(g)
         it = iter(total)
@@ -615,7 +616,7 @@ def reptile_grad(loss_fn: LossFn, params: PyTree, support: PyTree, *, steps: int
     with torch.no_grad():
         adapted = _map_tasks(task, "reptile_grad", plan, (support,), key=plan.key)
         return optree.tree_unflatten(plan.spec, [p - a.mean(0) if k else torch.zeros_like(p)
-                                                 for p, a, k in zip(plan.leaves, adapted, plan.keep)])
+                                                 for p, a, k in zip(plan.leaves, adapted, plan.keep, strict=True)])
 
 
 class Evaluation(NamedTuple):

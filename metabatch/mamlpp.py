@@ -5,11 +5,11 @@ Each of MAML++'s changes to MAML is a small piece that composes with
 
 | MAML++ piece | in metabatch |
 |---|---|
-| multi-step loss (MSL), weights annealed towards the last step | `maml.meta_loss(..., step_weights=step_weights(steps, progress))` |
-| derivative-order annealing (DA): first-order for the first meta-steps | `maml.meta_loss(..., first_order=step < n)` |
-| per-step per-layer learning rates (LSLR) | `inner=metabatch.inner.lslr(rates)`, `rates = metabatch.inner.lslr_rates(params, steps, lr)` |
+| multi-step loss (MSL), annealed towards the last step | `maml.meta_loss(..., step_weights=step_weights(steps, t))` |
+| derivative-order annealing (DA): first-order at first | `maml.meta_loss(..., first_order=step < n)` |
+| per-step per-layer learning rates (LSLR) | `inner=inner.lslr(inner.lslr_rates(params, steps, lr))` |
 | per-step batch-norm weights and biases (BNWB) | [stack_steps][metabatch.mamlpp.stack_steps] + `per_step=` |
-| per-step batch-norm running statistics (BNRS) | [bn_statistics][metabatch.mamlpp.bn_statistics] + `per_step=` at evaluation |
+| per-step batch-norm statistics (BNRS) | [bn_statistics][metabatch.mamlpp.bn_statistics] + `per_step=` in evaluation |
 | cosine annealing of the meta learning rate (CA) | [cosine_lr][metabatch.mamlpp.cosine_lr] |
 
 `examples/maml_omniglot.py --mamlpp` puts them together, with a flag per piece.
@@ -146,7 +146,7 @@ def stack_steps(params: PyTree, steps: int, select: Mask) -> PyTree:
         raise ValueError(f"stack_steps(): select picks no parameter; names are "
                          f"{['.'.join(map(str, p)) for p in optree.tree_flatten_with_path(params)[0]]}.")
     out = []
-    for leaf, flag in zip(leaves, flags):
+    for leaf, flag in zip(leaves, flags, strict=True):
         if flag:
             stacked = leaf.detach().unsqueeze(0).repeat(steps, *([1] * leaf.dim())).clone()
             leaf = stacked.requires_grad_(leaf.requires_grad)
@@ -236,7 +236,8 @@ def bn_statistics(model: torch.nn.Module, loss_fn: LossFn, params: PyTree, suppo
 
     def view(phi, s):
         at_s = optree.tree_leaves(_maml.select_step(params, s, per_step)) if any(flags) else leaves
-        return optree.tree_unflatten(spec, [a if f else p for a, p, f in zip(at_s, optree.tree_leaves(phi), flags)])
+        rows = zip(at_s, optree.tree_leaves(phi), flags, strict=True)
+        return optree.tree_unflatten(spec, [a if f else p for a, p, f in rows])
 
     def record(fn, *args):
         capture[0] = [[] for _ in layers]

@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-from .batching import batching_rules
-
 __all__ = ["accuracy", "functional", "objective", "params"]  # (batching_rules: see metabatch.batching)
 
 

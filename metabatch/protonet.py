@@ -156,9 +156,9 @@ def _ways(ways, support, fn: str) -> int:
     return int(labels.max()) + 1
 
 
-def loss(embed_fn: EmbedFn, params: PyTree, support: Pair, query: Pair, *, ways: int | None = None, distance: str = "sqeuclidean",
-         chunk_size: int | None = None, randomness: str = "different", key: _random.Key | None = None,
-         batch_rules: bool = True) -> Result:
+def loss(embed_fn: EmbedFn, params: PyTree, support: Pair, query: Pair, *, ways: int | None = None,
+         distance: str = "sqeuclidean", chunk_size: int | None = None, randomness: str = "different",
+         key: _random.Key | None = None, batch_rules: bool = True) -> Result:
     """The prototypical-network loss and accuracy of a batch of N-way K-shot tasks, vmapped over tasks.
 
     Args:
@@ -175,7 +175,7 @@ def loss(embed_fn: EmbedFn, params: PyTree, support: Pair, query: Pair, *, ways:
         batch_rules: use [metabatch.batching.batching_rules][] (faster convolutions).
 
     Returns:
-        A [Result][metabatch.protonet.Result]: `.loss` to back-propagate, `.accuracy`, and per-task values.
+        A [Result][metabatch.protonet.Result] with `.loss` to back-propagate, `.accuracy`, and per-task values.
 
     Raises:
         TypeError: `support` or `query` is not a pair of tensors, labels are not integers.
@@ -204,14 +204,15 @@ def loss(embed_fn: EmbedFn, params: PyTree, support: Pair, query: Pair, *, ways:
     def task(leaves, s, q):
         return task_loss(embed_fn, optree.tree_unflatten(spec, leaves), s, q, n_ways, distance=distance)
 
-    with _batch.seeded(key, leaves + [support[0]]), _batching.batching_rules(_validate.flag(batch_rules, "batch_rules", fn)):
+    rules = _validate.flag(batch_rules, "batch_rules", fn)
+    with _batch.seeded(key, leaves + [support[0]]), _batching.batching_rules(rules):
         losses, accs = torch.func.vmap(task, in_dims=(None, 0, 0), randomness=randomness,
                                        chunk_size=chunk_size)(leaves, tuple(support), tuple(query))
     return Result(losses.mean(), accs.mean(), losses, accs)
 
 
-def evaluate(embed_fn: EmbedFn, params: PyTree, support: Pair, query: Pair, *, ways: int | None = None, distance: str = "sqeuclidean",
-             chunk_size: int | None = None, key: _random.Key | None = None,
+def evaluate(embed_fn: EmbedFn, params: PyTree, support: Pair, query: Pair, *, ways: int | None = None,
+             distance: str = "sqeuclidean", chunk_size: int | None = None, key: _random.Key | None = None,
              batch_rules: bool = True) -> _maml.Evaluation:
     """Meta-test: the query loss and accuracy of every task, with means and 95 % intervals, no graph kept.
 

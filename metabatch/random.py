@@ -61,13 +61,15 @@ class Key:
     """
 
     __slots__ = ("_hi", "_lo")
+    _hi: int
+    _lo: int
 
     def __init__(self, *args, **kwargs):
         raise TypeError("Key is opaque: make one with metabatch.random.key(seed), "
                         "then derive others with split() and fold_in().")
 
     @classmethod
-    def _from_words(cls, hi: int, lo: int) -> "Key":
+    def _from_words(cls, hi: int, lo: int) -> Key:
         self = object.__new__(cls)
         object.__setattr__(self, "_hi", hi & _MASK)
         object.__setattr__(self, "_lo", lo & _MASK)
@@ -267,7 +269,7 @@ def numpy_rng(key: Key) -> np.random.Generator:
         True
     """
     _check_key(key, "numpy_rng")
-    return np.random.Generator(np.random.PCG64(_KeySeedSequence(key)))
+    return np.random.Generator(np.random.PCG64(_KeySeedSequence(key)))  # type: ignore[arg-type]  # a SeedSequence duck
 
 
 def torch_generator(key: Key, device: str | torch.device = "cpu") -> torch.Generator:

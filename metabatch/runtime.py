@@ -8,17 +8,17 @@ gives the count that does not oversubscribe the cores this process may use —
 the cores minus the loader workers, at least 1 — and [`use_threads`][metabatch.runtime.use_threads]
 applies it (`torch.set_num_threads`) and returns the previous count.
 
-Huge pages: importing metabatch sets ``THP_MEM_ALLOC_ENABLE=1`` in the
-environment unless it is already set (to anything: ``THP_MEM_ALLOC_ENABLE=0``
+Huge pages: importing metabatch sets `THP_MEM_ALLOC_ENABLE=1` in the
+environment unless it is already set (to anything: `THP_MEM_ALLOC_ENABLE=0`
 keeps torch's default). torch reads it at its first large CPU allocation and
 then backs every CPU tensor of 2 MB or more with transparent huge pages: a
 freshly allocated activation then costs one page fault per 2 MB instead of
 one per 4 KB. A vmapped meta-step over a batch of conv-net tasks allocates
 hundreds of MB of such activations per step; on 2 cores this made the
 Omniglot conv4 meta-step 1.3-1.5x faster and its peak memory lower
-(``docs/performance.md``). It has no effect when torch already allocated a
+(`docs/performance.md`). It has no effect when torch already allocated a
 large CPU tensor before metabatch was imported, nor where the kernel's
-``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never``.
+`/sys/kernel/mm/transparent_hugepage/enabled` is `never`.
 
 Examples:
     >>> import metabatch as mb
@@ -46,8 +46,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 def _cgroup_cpus() -> float | None:
     """The CPU quota of this process's cgroup (v2 `cpu.max`, v1 `cfs_quota`), in cores, if any."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        max_quota, max_period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if max_quota == "max" else int(max_quota) / int(max_period)
     except (OSError, ValueError):
         pass
     try:

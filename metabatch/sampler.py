@@ -33,7 +33,8 @@ indices), and steps only as far as positions stay below `2**64`.
 from __future__ import annotations
 
 import operator
-from typing import Iterator, NamedTuple, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from . import _validate
 from . import random as _random
@@ -47,7 +48,7 @@ MAX_BATCH = 2**16
 _U64 = 2**64 - 1
 _FEISTEL_ROUNDS = 4
 
-SizeArg = Union[int, Sequence[int]]
+SizeArg = int | Sequence[int]
 
 
 class BatchSpec(NamedTuple):
@@ -167,7 +168,7 @@ class BatchSpecs:
         return perm
 
     def _indices(self, first: int, count: int) -> tuple:
-        out = []
+        out: list[int] = []
         while count:
             epoch, pos = divmod(first, self.num_tasks)
             take = min(count, self.num_tasks - pos)
@@ -212,7 +213,7 @@ class BatchSpecs:
                             "pass num_batches=... for a finite one.")
         return self.num_batches - self.start
 
-    def replace(self, **changes) -> "BatchSpecs":
+    def replace(self, **changes) -> BatchSpecs:
         """A copy with some arguments changed, e.g. `specs.replace(start=step)` to resume.
 
         Examples:

@@ -5,7 +5,8 @@ reference; nothing checks them at run time (the functions validate their
 arguments themselves).
 
 Examples:
-    >>> import torch
+    >>> import optree.typing
+import torch
     >>> from metabatch.typing import PyTree, Rate
     >>> params: PyTree = {"w": torch.zeros(3), "b": [torch.zeros(())]}
     >>> lr: Rate = 0.1
@@ -16,12 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
+import optree.typing
 import torch
 
 __all__ = ["LossFn", "Mask", "PyTree", "Rate"]
 
-PyTree: TypeAlias = torch.Tensor | tuple["PyTree", ...] | list["PyTree"] | dict[Any, "PyTree"] | None
-"""A nest of tuples, lists, dicts and NamedTuples whose leaves are tensors, as `optree` flattens it.
+PyTree: TypeAlias = optree.typing.PyTree[torch.Tensor]
+"""A nest of tuples, lists, dicts and NamedTuples whose leaves are tensors, as `optree` flattens it
+(`optree.typing.PyTree[torch.Tensor]`; `None` is an empty subtree).
 
 Parameters (`metabatch.nn.params(model)` is a `{name: tensor}` dict), a task's data (`(x, y)`)
 and a batch of tasks (every leaf with a leading task dimension) are pytrees. optree orders dict

@@ -29,7 +29,8 @@ def check_pmean(rank, world):
     assert torch.equal(out["b"], torch.full((2, 3), 1.5, dtype=torch.float64))
     assert torch.equal(out["a"][0], torch.tensor(5.0))
     assert torch.equal(out["a"][1], torch.arange(4, dtype=torch.float32) * 1.5)
-    assert all(torch.equal(a, b) for a, b in zip(before, (tree["b"], *tree["a"]))), "pmean changed its input"
+    after = (tree["b"], *tree["a"])
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "pmean changed its input"
 
 
 def check_all_reduce_grads(rank, world):

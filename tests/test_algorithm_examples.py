@@ -1,4 +1,4 @@
-"""examples/maml_omniglot.py --mamlpp and examples/protonet_omniglot.py: smoke runs, exact resume, flags, the curve plot."""
+"""examples/maml_omniglot.py --mamlpp and examples/protonet_omniglot.py: smoke runs, exact resume, flags, plot."""
 
 import json
 import runpy

@@ -35,13 +35,13 @@ def maml_pytorch_meta_grad(net, x_spt, y_spt, x_qry, y_qry, update_lr, update_st
     params = list(net.parameters())
 
     def run(x, weights):
-        return functional_call(net, dict(zip(names, weights)), (x,))
+        return functional_call(net, dict(zip(names, weights, strict=True)), (x,))
 
     losses_q = [0 for _ in range(update_step + 1)]
     for i in range(x_spt.shape[0]):
         loss = F.mse_loss(run(x_spt[i], params), y_spt[i])
         grad = torch.autograd.grad(loss, params)                      # no create_graph
-        fast_weights = [p - update_lr * g for g, p in zip(grad, params)]
+        fast_weights = [p - update_lr * g for g, p in zip(grad, params, strict=True)]
         with torch.no_grad():
             losses_q[0] += F.mse_loss(run(x_qry[i], params), y_qry[i])
         with torch.no_grad():
@@ -49,7 +49,7 @@ def maml_pytorch_meta_grad(net, x_spt, y_spt, x_qry, y_qry, update_lr, update_st
         for k in range(1, update_step):
             loss = F.mse_loss(run(x_spt[i], fast_weights), y_spt[i])
             grad = torch.autograd.grad(loss, fast_weights)            # no create_graph
-            fast_weights = [p - update_lr * g for g, p in zip(grad, fast_weights)]
+            fast_weights = [p - update_lr * g for g, p in zip(grad, fast_weights, strict=True)]
             losses_q[k + 1] += F.mse_loss(run(x_qry[i], fast_weights), y_qry[i])
     loss_q = losses_q[-1] / x_spt.shape[0]
     return torch.autograd.grad(loss_q, params)  # Meta.forward: loss_q.backward()
@@ -63,7 +63,7 @@ def metabatch_meta_grad(net, x_spt, y_spt, x_qry, y_qry, steps, first_order):
 
 
 def relative_difference(a, b) -> float:
-    num = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b)) ** 0.5
+    num = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b, strict=True)) ** 0.5
     return num / sum(float(y.pow(2).sum()) for y in b) ** 0.5
 
 

@@ -104,7 +104,7 @@ def test_seeded_stream_is_reproducible_and_worker_count_independent(cls):
         for a, b in zip(got, ref, strict=True):
             assert all(torch.equal(a[k], b[k]) for k in a)
     other = run(0, seed=8)
-    assert any(not torch.equal(a["context"], b["context"]) for a, b in zip(other, ref))
+    assert any(not torch.equal(a["context"], b["context"]) for a, b in zip(other, ref, strict=True))
 
 
 def test_seed_is_drawn_once_and_exposed():

@@ -176,7 +176,7 @@ def test_all_reduced_meta_gradient_is_the_global_batch_meta_gradient(runs):
         params = {k: v.clone().requires_grad_() for k, v in record["params"].items()}
         batch = optree.tree_map(torch.Tensor.double, mb.build_batch(mb.tasks.sinusoid, specs[record["step"]]))
         loss = maml.meta_loss(loss_fn, params, batch["context"], batch["target"], steps=1, lr=0.01)
-        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
         assert relative_difference(record["grads"], grads) <= 1e-9, record["step"]
         assert record["loss"] == pytest.approx(loss.item(), rel=1e-9, abs=0)
 
@@ -197,7 +197,7 @@ def test_resume_under_torchrun_continues_the_same_stream(runs):
     full, resumed = runs
     a, b = load(full, "rank0"), load(resumed, "rank0")
     assert [r["step"] for r in b] == [3, 4, 5]
-    for x, y in zip(a[3:], b):
+    for x, y in zip(a[3:], b, strict=True):
         assert x["indices"] == y["indices"] and x["loss"] == y["loss"]
         assert all(torch.equal(x["grads"][k], y["grads"][k]) for k in x["grads"])
     assert [r["indices"] for r in load(full, "rank1")[3:]] == [r["indices"] for r in load(resumed, "rank1")]

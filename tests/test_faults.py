@@ -115,9 +115,11 @@ def warm_up():
 def assert_clean(kids: set, fds: int, state: Clean, seconds: float = 20) -> None:
     """No child beyond ``kids``, no worker of ``state`` alive, no /dev/shm entry of ours, no fd beyond ``fds``."""
     assert settle(lambda: children() <= kids, seconds), f"child processes left alive: {children() - kids}"
-    left = lambda: [p for p in state.pids() if alive(p)]
+    def left():
+        return [p for p in state.pids() if alive(p)]
     assert settle(lambda: not left(), seconds), f"worker processes left: {left()}"
-    shm = lambda: F.shm_entries(state.pids() | {os.getpid()})
+    def shm():
+        return F.shm_entries(state.pids() | {os.getpid()})
     assert settle(lambda: not shm(), seconds / 2), f"/dev/shm entries left: {shm()}"
     assert settle(lambda: open_fds() <= fds, seconds / 2), f"{open_fds() - fds} file descriptors left open"
 

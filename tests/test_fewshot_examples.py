@@ -82,7 +82,7 @@ def write_miniimagenet(root: pathlib.Path, splits=(("train", 6), ("val", 5), ("t
     n = 0
     for split, classes in splits:
         rows = ["filename,label"]
-        for c in range(classes):
+        for _ in range(classes):
             label = f"n{n:08d}"
             n += 1
             color = rng.integers(0, 256, 3)
@@ -137,7 +137,8 @@ def test_omniglot_resume_continues_the_exact_stream(tiny_omniglot, tmp_path):
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(x, y) for x, y in zip(a["opt"]["state"][0].values(), b["opt"]["state"][0].values()))
+    sa, sb = a["opt"]["state"][0], b["opt"]["state"][0]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_resume_refuses_other_settings(tiny_omniglot, tmp_path):
@@ -300,17 +301,17 @@ def test_augmented_flips_classes_and_shifts_images():
     mirrored = set()
     for part in ("context", "target"):
         assert np.array_equal(a[part][1], flipped[part][1])
-        for x, y, label in zip(a[part][0], flipped[part][0], a[part][1]):
+        for x, y, label in zip(a[part][0], flipped[part][0], a[part][1], strict=True):
             assert np.array_equal(y, x) or np.array_equal(y, x[..., ::-1])
             if not np.array_equal(y, x):
                 mirrored.add(int(label))
     for part in ("context", "target"):  # a class is mirrored in all its support and query images
-        for x, y, label in zip(a[part][0], flipped[part][0], a[part][1]):
+        for x, y, label in zip(a[part][0], flipped[part][0], a[part][1], strict=True):
             assert np.array_equal(y, x[..., ::-1] if int(label) in mirrored else x)
     assert 0 < len(mirrored) < 3  # for this key
     shifted = fewshot.Augmented(plain, shift=2)
     b = shifted(key, 0, 1, 2)
-    assert all(moved(x, y, 2) for part in ("context", "target") for x, y in zip(a[part][0], b[part][0]))
+    assert all(moved(x, y, 2) for part in ("context", "target") for x, y in zip(a[part][0], b[part][0], strict=True))
     assert b["target"][0].dtype == np.float32 and b["target"][0].flags.c_contiguous
-    assert all(np.array_equal(u, v) for u, v in zip(shifted(key, 0, 1, 2)["target"], b["target"]))
+    assert all(np.array_equal(u, v) for u, v in zip(shifted(key, 0, 1, 2)["target"], b["target"], strict=True))
     assert not np.array_equal(shifted(mb.random.key(4), 0, 1, 2)["target"][0], b["target"][0])

@@ -115,7 +115,8 @@ def test_mlp_implicit_gradient_equals_a_per_task_explicit_solve():
     want = 0
     for t in range(T):
         s, q = at(support, t), at(query, t)
-        prox = lambda v, s=s: loss_fn(unflat(v), s) + 0.5 * lam * ((v - flat_theta) ** 2).sum()
+        def prox(v, s=s):
+            return loss_fn(unflat(v), s) + 0.5 * lam * ((v - flat_theta) ** 2).sum()
         v = flat_theta.clone()
         for _ in range(400):                             # the proximal optimum, to rounding
             v = v - 0.1 * torch.func.grad(prox)(v)
@@ -160,14 +161,14 @@ def test_conv_batch_norm_vmapped_equals_a_per_task_autograd_loop():
         for _ in range(steps):
             prox = loss_fn(phi, s) + 0.5 * lam * sum(((phi[k] - params[k].detach()) ** 2).sum() for k in names)
             grads = torch.autograd.grad(prox, list(phi.values()))
-            phi = {k: (phi[k] - lr * g).detach().requires_grad_() for k, g in zip(names, grads)}
+            phi = {k: (phi[k] - lr * g).detach().requires_grad_() for k, g in zip(names, grads, strict=True)}
         gq = torch.autograd.grad(loss_fn(phi, q), list(phi.values()))
         gs = torch.autograd.grad(loss_fn(phi, s), list(phi.values()), create_graph=True)
 
         def matvec(v, gs=gs, phi=phi):
             hv = torch.autograd.grad(gs, list(phi.values()), v, retain_graph=True)
-            return [vi + h / lam for vi, h in zip(v, hv)]
+            return [vi + h / lam for vi, h in zip(v, hv, strict=True)]
 
         x = imaml.conjugate_gradient(matvec, list(gq), cg)
-        want = [w + xi / 3 for w, xi in zip(want, x)]
+        want = [w + xi / 3 for w, xi in zip(want, x, strict=True)]
     assert_close_grads([out.grads[k] for k in names], want)

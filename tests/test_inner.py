@@ -1,4 +1,4 @@
-"""metabatch.inner: the contract every rule passes, exactness against torch.optim, higher and explicit loops (float64)."""
+"""metabatch.inner: every rule's contract, exact against torch.optim, higher and explicit loops (float64)."""
 
 import itertools
 import math
@@ -66,9 +66,9 @@ def test_contract_pure_named_tuples_and_inputs_unchanged(rule):
     grads = toy_grads(params)
     u1, s1 = update_fn(grads, state, params)
     u2, s2 = update_fn(grads, state, params)
-    assert all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(u1), optree.tree_leaves(u2)))
+    assert all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(u1), optree.tree_leaves(u2), strict=True))
     assert s1.count == s2.count == 1 and state.count == 0
-    assert all(torch.equal(b, a) for b, a in zip(before, optree.tree_leaves(params)))
+    assert all(torch.equal(b, a) for b, a in zip(before, optree.tree_leaves(params), strict=True))
     assert optree.tree_structure(u1) == optree.tree_structure(params)
 
 
@@ -204,7 +204,7 @@ def adam_loop(loss_fn, params, support, query, steps, lr, b1=0.9, b2=0.999, eps=
         v = {k: torch.zeros_like(p) for k, p in phi.items()}
         for step in range(1, steps + 1):
             grads = torch.autograd.grad(loss_fn(phi, s), [phi[k] for k in names], create_graph=not first_order)
-            for k, g in zip(names, grads):
+            for k, g in zip(names, grads, strict=True):
                 g = g.detach() if first_order else g
                 m[k] = b1 * m[k] + (1 - b1) * g
                 v[k] = b2 * v[k] + (1 - b2) * g * g
@@ -228,7 +228,8 @@ def test_adam_reference_loop_equals_torch_optim_adam(model, steps):
             loss_fn(copy, at(support, t)).backward()
             opt.step()
         for k in params:
-            assert torch.allclose(adapted[t][k], copy[k], rtol=1e-12, atol=1e-10), (t, k)  # noise-level grads of biases before BN
+            # noise-level grads of biases before BN
+            assert torch.allclose(adapted[t][k], copy[k], rtol=1e-12, atol=1e-10), (t, k)
 
 
 @pytest.mark.parametrize("model,steps", CASES)
@@ -263,7 +264,7 @@ def test_higher_adam_matches_only_with_eps_rescaled(model, steps):
     assert_close_grads(got, torch.autograd.grad(rescaled, list(params.values())))
     plain = torch.autograd.grad(higher_meta_loss(net, optim, support, query, steps), list(params.values()))
     scale = max(g.abs().max().item() for g in got)
-    worst = max((a - b).abs().max().item() for a, b in zip(got, plain))
+    worst = max((a - b).abs().max().item() for a, b in zip(got, plain, strict=True))
     assert worst > 1e-6 * scale  # as is, higher's Adam is another update rule
 
 
@@ -311,7 +312,7 @@ def lslr_loop(loss_fn, params, support, query, rates):
         phi = dict(params)
         for s in range(steps):
             grads = torch.autograd.grad(loss_fn(phi, at(support, t)), [phi[k] for k in names], create_graph=True)
-            phi = {k: phi[k] - rates[k][s] * g for k, g in zip(names, grads)}
+            phi = {k: phi[k] - rates[k][s] * g for k, g in zip(names, grads, strict=True)}
         total = total + loss_fn(phi, at(query, t))
     return total / T
 
@@ -361,7 +362,7 @@ def test_default_inner_is_plain_sgd_exactly():
     assert a.item() == b.item()
     ga = torch.autograd.grad(a, list(params.values()))
     gb = torch.autograd.grad(b, list(params.values()))
-    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
     default = maml.meta_loss(loss_fn, params, support, query)
     assert default.item() == maml.meta_loss(loss_fn, params, support, query, lr=0.01).item()
 
@@ -385,7 +386,8 @@ def test_adapt_evaluate_and_reptile_take_inner():
 
 def test_mask_with_an_inner_optimizer_keeps_fixed_leaves():
     _, loss_fn, params, support, _ = setup("mlp")
-    head = lambda name: name.startswith("4.")
+    def head(name):
+        return name.startswith("4.")
     adapted = maml.adapt(loss_fn, params, at(support, 0), steps=2, inner=inner.adam(0.1), mask=head)
     for k in params:
         assert (adapted[k] is params[k]) == (not head(k))

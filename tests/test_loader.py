@@ -88,7 +88,7 @@ def test_stream_is_independent_of_start_method(context):
 def one_buffer(batch) -> bool:
     """True when the leaves of a batch sit back to back (64-byte aligned) in one buffer."""
     spans = sorted((leaf.data_ptr(), leaf.data_ptr() + leaf.nbytes) for leaf in optree.tree_leaves(batch))
-    return all(0 <= b[0] - a[1] < 64 for a, b in zip(spans, spans[1:]))
+    return all(0 <= b[0] - a[1] < 64 for a, b in zip(spans, spans[1:], strict=False))
 
 
 @START_METHODS
@@ -244,7 +244,7 @@ def test_no_shared_memory_leaks(persistent_workers, start_method):
     specs = mb.batch_specs(0, 50, 4, (1, 3), 2, num_batches=150)
     ref = digest([mb.build_batch(T.big_task, specs[i]) for i in range(40)])
     dl = mb.task_loader(T.big_task, specs, **workers(2, start_method), persistent_workers=persistent_workers)
-    for epoch in range(3):
+    for _epoch in range(3):
         states = []
         for step, batch in enumerate(dl):
             if step == 0:

@@ -79,7 +79,7 @@ def reference_meta_loss(loss_fn, params, support, query, steps, lr, first_order,
         for _ in range(steps):
             moving = [k for k in names if keep[k]]
             grads = torch.autograd.grad(loss_fn(phi, s), [phi[k] for k in moving], create_graph=not first_order)
-            for k, g in zip(moving, grads):
+            for k, g in zip(moving, grads, strict=True):
                 rate = lr[k] if isinstance(lr, dict) else lr
                 phi[k] = phi[k] - rate * (g.detach() if first_order else g)
         total = total + loss_fn(phi, q)
@@ -93,7 +93,7 @@ def leaves_of(params, lr):
 def assert_close_grads(got, want, tol=1e-8):
     scale = max(w.abs().max().item() for w in want)
     assert scale > 0
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         err = (g - w).abs().max().item()
         assert err <= tol * scale, f"max |error| {err:.3g} > {tol} x largest gradient entry {scale:.3g}"
@@ -146,7 +146,7 @@ def test_backward_fills_parameter_grads_and_an_optimizer_steps():
     maml.meta_loss(loss_fn, mnn.params(net), support, query, steps=2, lr=0.4).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
     opt.step()
-    assert all(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+    assert all(not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
 
 
 def finite_difference(f, tensor, index, eps=1e-6):
@@ -171,11 +171,11 @@ def test_meta_gradient_agrees_with_finite_differences(first_order):
     def f():
         return maml.meta_loss(loss_fn, params, support, query, steps=2, lr=0.3)
 
-    grads = dict(zip(params, torch.autograd.grad(f(), list(params.values()))))
+    grads = dict(zip(params, torch.autograd.grad(f(), list(params.values())), strict=True))
     if first_order:
         fo = maml.meta_loss(loss_fn, params, support, query, steps=2, lr=0.3, first_order=True)
         fo_grads = torch.autograd.grad(fo, list(params.values()))
-        assert any((a - b).abs().max() > 1e-6 for a, b in zip(fo_grads, grads.values()))
+        assert any((a - b).abs().max() > 1e-6 for a, b in zip(fo_grads, grads.values(), strict=True))
         return
     for name, index in [("0.weight", (0, 0, 1, 1)), ("0.weight", (2, 0, 0, 2)), ("1.weight", (1,)),
                         ("4.weight", (1, 2, 0, 0)), ("17.bias", (2,))]:
@@ -332,7 +332,7 @@ def test_inputs_are_never_mutated():
     maml.evaluate(loss_fn, params, support, query, steps=3, lr=lr)
     maml.reptile_grad(loss_fn, params, support, steps=2, lr=lr)
     after = snapshot(params, lr, support, query)
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert all(torch.equal(b, dict(net.named_buffers())[k]) for k, b in buffers.items())
 
 
@@ -535,7 +535,8 @@ def test_integer_buffer_among_params_is_named():
     state = dict(net.state_dict(keep_vars=True))  # parameters and buffers, num_batches_tracked among them
     with pytest.raises(TypeError, match=r"params\['1.num_batches_tracked'\] is a torch.int64 tensor.*mask="):
         maml.meta_loss(loss_fn, state, support, query)
-    floats = lambda name: not name.endswith("num_batches_tracked")
+    def floats(name):
+        return not name.endswith("num_batches_tracked")
     assert torch.isfinite(maml.meta_loss(loss_fn, state, support, query, mask=floats))
 
 

@@ -1,4 +1,4 @@
-"""MAML++ pieces: multi-step loss, per-step parameters, LSLR, per-step BN statistics — against explicit loops (float64)."""
+"""MAML++ pieces: multi-step loss, per-step parameters, LSLR, per-step BN statistics, vs explicit loops (float64)."""
 
 import pytest
 import torch
@@ -34,7 +34,7 @@ def is_bn(name):
 
 
 def mamlpp_loop(loss_fn, params, support, query, rates, weights, stepwise):
-    """MAML++'s inner loop written out: per-step BN tensors (index s), LSLR, the weighted query loss after every step."""
+    """MAML++'s inner loop written out: per-step BN tensors (index s), LSLR, the weighted query loss after each step."""
     steps = len(weights)
     moving = [k for k in params if not stepwise(k)]
     total = 0
@@ -48,7 +48,7 @@ def mamlpp_loop(loss_fn, params, support, query, rates, weights, stepwise):
         task = 0
         for s in range(steps):
             grads = torch.autograd.grad(loss_fn(at_step(phi, s), s_t), [phi[k] for k in moving], create_graph=True)
-            phi = {**phi, **{k: phi[k] - rates[k][s] * g for k, g in zip(moving, grads)}}
+            phi = {**phi, **{k: phi[k] - rates[k][s] * g for k, g in zip(moving, grads, strict=True)}}
             if weights[s]:
                 task = task + weights[s] * loss_fn(at_step(phi, s), q_t)
         total = total + task
@@ -180,7 +180,8 @@ def test_bn_statistics_equal_a_per_task_loop_and_drive_evaluation():
             assert torch.allclose(stats[f"{i}.running_mean"][s], mean, rtol=1e-12, atol=1e-14)
             assert torch.allclose(stats[f"{i}.running_var"][s], var, rtol=1e-12, atol=1e-14)
     # Evaluation in eval mode normalises with the statistics of each step.
-    per_step = lambda n: is_bn(n) or n.endswith(("running_mean", "running_var"))
+    def per_step(n):
+        return is_bn(n) or n.endswith(("running_mean", "running_var"))
     net.eval()
     try:
         ev = maml.evaluate(loss_fn, {**params, **stats}, support, query, steps=2, inner=opt, per_step=per_step)

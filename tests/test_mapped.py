@@ -105,7 +105,7 @@ def test_classification_over_a_mapped_array_keeps_the_reference(images, key):
     for k in range(5):
         a, b = sample(mb.random.fold_in(key, k), 0, 2, 3), plain(mb.random.fold_in(key, k), 0, 2, 3)
         assert all(np.array_equal(x, y) and x.dtype == y.dtype and type(x) is np.ndarray
-                   for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
+                   for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,7 @@ def test_loader_workers_map_the_file_under_every_start_method(images, method):
     ref = list(mb.task_loader(sample, specs))
     got = list(mb.task_loader(sample, specs, num_workers=2, multiprocessing_context=method))
     for a, b in zip(ref, got, strict=True):
-        assert all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
+        assert all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True))
     probes = list(mb.task_loader(Probe(images), specs, num_workers=2, multiprocessing_context=method))
     assert all(bool(p["mapped"].all()) for p in probes)
     assert {int(pid) for p in probes for pid in p["pid"]} - {os.getpid()}  # built in the workers

@@ -205,7 +205,7 @@ def test_half_written_damaged_or_mismatched_cache_is_rebuilt(data_root, user_cac
         else:
             miniimagenet.load(root, "train", size=16, resample="nearest")
         tag = "train.12px-bilinear" if damage == "other size" else "train.16px-nearest"
-        for src, dst in zip(entry(user_cache, tag), (npy, meta)):
+        for src, dst in zip(entry(user_cache, tag), (npy, meta), strict=True):
             dst.write_bytes(src.read_bytes())
         assert not np.array_equal(np.load(npy), good_images) or damage == "other filter"
     again = miniimagenet.load(root, "train", size=16)
@@ -391,7 +391,7 @@ def test_sampler_keys_and_inputs(images):
     sample_task = miniimagenet.sampler(miniimagenet.MiniImagenet(images, tuple("abcdef")), ways=2)
     a, b = sample_task(mb.random.key(0), 0, 1, 1), sample_task(mb.random.key(0), 0, 1, 1)
     c = sample_task(mb.random.key(1), 0, 1, 1)
-    assert all(np.array_equal(u, v) for u, v in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
+    assert all(np.array_equal(u, v) for u, v in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True))
     assert not np.array_equal(a["target"][0], c["target"][0])
     copy = images.copy()
     sample_task(mb.random.key(2), 0, 2, 2)
@@ -433,5 +433,5 @@ def test_tasks_from_a_loaded_split_through_workers(data_root):
     assert xc.shape == (2, 3, 3, 84, 84) and xt.shape == (2, 9, 3, 84, 84)
     assert xc.dtype == torch.float32 and yc.tolist() == [[0, 1, 2]] * 2
     assert yt.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2]] * 2
-    for a, b in zip(ref, got):
-        assert all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
+    for a, b in zip(ref, got, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True))

@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
-from metabatch import maml
+from metabatch import batching, maml
 from metabatch import nn as mnn
-from metabatch import batching
 
 T = 3
 
@@ -113,7 +112,7 @@ def second_order_check(op, x, params, batched_params=(), tol=1e-10):
     flat_want = [want[0], *want[1]]
     flat_got = [got[0], *got[1]]
     scale = max(w.abs().max() for w in flat_want)
-    for g, w in zip(flat_got, flat_want):
+    for g, w in zip(flat_got, flat_want, strict=True):
         assert (g - w).abs().max() <= tol * scale
     # values too
     with batching.batching_rules():
@@ -138,9 +137,11 @@ def test_conv2d_rule(kind, batched_weight):
     cin = 4 if kind == "groups" else 3
     w = randn(*((T,) if batched_weight else ()), 4, cin // kw.get("groups", 1), 3, 3, seed=1)
     b = randn(*((T,) if batched_weight else ()), 4, seed=2)
-    op = lambda x, w, b: F.conv2d(x, w, b, **kw)
+    def op(x, w, b):
+        return F.conv2d(x, w, b, **kw)
     second_order_check(op, randn(T, 2, cin, 6, 7, seed=3), [w, b], batched_params=(0, 1) if batched_weight else ())
-    op_nobias = lambda x, w: F.conv2d(x, w, None, **kw)
+    def op_nobias(x, w):
+        return F.conv2d(x, w, None, **kw)
     second_order_check(op_nobias, randn(T, 2, cin, 6, 7, seed=4), [w], batched_params=(0,) if batched_weight else ())
 
 

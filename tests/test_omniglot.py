@@ -168,7 +168,7 @@ def test_an_entry_of_another_size_copied_over_the_names_is_rebuilt(tree, tmp_pat
     omniglot.load(zipped, size=20, cache_dir=cache)
     small = [cache / n for n in entries(cache)]
     big = [p.with_name(p.name.replace("20px", "28px")) for p in small]
-    for a, b in zip(small, big):
+    for a, b in zip(small, big, strict=True):
         shutil.copy(a, b)
     data = omniglot.load(zipped, size=28, cache_dir=cache)
     assert data.images.shape == (5, 3, 28, 28)
@@ -478,8 +478,8 @@ def test_omniglot_tasks_through_workers(omniglot_dir, cache_dir):
     (xc, yc), (xt, _) = got[0]["context"], got[0]["target"]
     assert xc.shape == (8, 5, 1, 28, 28) and xt.shape == (8, 75, 1, 28, 28)
     assert xc.dtype == torch.float32 and yc.dtype == torch.int64 and float(xt.max()) == 1.0
-    for a, b in zip(ref, got):
-        assert all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
+    for a, b in zip(ref, got, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True))
 
 
 # -- download -----------------------------------------------------------------------------------------
@@ -621,7 +621,7 @@ def test_load_runs_folder_zip_and_single_run(tmp_path):
     assert runs[0].labels.dtype == np.int64
     assert np.array_equal(omniglot.load_runs(root, size=None)[1].training[0], ink(5, 1) * np.uint8(255))
     zipped = zip_folder(root, tmp_path / "all_runs.zip", "all_runs")
-    for a, b in zip(runs, omniglot.load_runs(zipped)):
+    for a, b in zip(runs, omniglot.load_runs(zipped), strict=True):
         assert a.name == b.name and np.array_equal(a.test, b.test) and np.array_equal(a.labels, b.labels)
     single = omniglot.load_runs(root / "run02")
     assert len(single) == 1 and np.array_equal(single[0].training, runs[1].training)

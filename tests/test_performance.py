@@ -99,7 +99,7 @@ def test_meta_step_matches_backward_and_optimizer_step():
         loss2.backward()
         opt2.step()
         assert loss.item() == pytest.approx(loss2.item(), rel=1e-6)
-    for a, b in zip(optree.tree_leaves(trainable), optree.tree_leaves(trainable2)):
+    for a, b in zip(optree.tree_leaves(trainable), optree.tree_leaves(trainable2), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert opt.state_dict()["state"][0]["step"].item() == 3.0
 
@@ -142,8 +142,8 @@ def test_resume_is_bit_identical(tmp_path, capsys, mode):
     b = mb.checkpoint.load(tmp_path / "second" / "last.pt")
     assert a["step"] == b["step"] == 10
     assert torch.equal(a["losses"], b["losses"])
-    assert all(torch.equal(x, y) for x, y in zip(a["trainable"], b["trainable"]))
-    for x, y in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+    assert all(torch.equal(x, y) for x, y in zip(a["trainable"], b["trainable"], strict=True))
+    for x, y in zip(a["opt"]["state"].values(), b["opt"]["state"].values(), strict=True):
         assert all(torch.equal(x[k], y[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
     assert full["mse_vs_inner_steps"] == resumed["mse_vs_inner_steps"]
     assert resumed["resumed_at"] == 6 and resumed["compiled"] == (mode == [])

@@ -46,7 +46,7 @@ def same(a, b) -> bool:
     if optree.tree_structure(a) != optree.tree_structure(b):
         return False
     return all(x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
-               for x, y in zip(leaves(a), leaves(b)))
+               for x, y in zip(leaves(a), leaves(b), strict=True))
 
 
 # -- the contract every family passes --------------------------------------------------------------
@@ -94,7 +94,7 @@ def test_inputs_unchanged(name, key):
     for leaf in leaves(task):  # outputs own their memory: writing to them touches no input
         leaf[...] = 0
     f(key, 0, 2, 3)
-    assert all(np.array_equal(a, b) for a, b in zip(before, [IMAGES, FEATURES, CHANNELS]))
+    assert all(np.array_equal(a, b) for a, b in zip(before, [IMAGES, FEATURES, CHANNELS], strict=True))
     assert IMAGES.flags.writeable
 
 
@@ -111,9 +111,9 @@ def test_task_loader_workers_match_in_process():
         ref = list(mb.task_loader(f, specs))
         got = list(mb.task_loader(f, specs, num_workers=2))
         assert len(got) == 3
-        for a, b in zip(ref, got):
+        for a, b in zip(ref, got, strict=True):
             assert optree.tree_structure(a) == optree.tree_structure(b), name
-            for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)):
+            for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True):
                 assert x.dtype == y.dtype and torch.equal(x, y), name
 
 
@@ -260,7 +260,7 @@ def test_classification_every_image_comes_from_its_labels_rotated_class(shuffle)
         used = {}
         for x, y in (task["context"], task["target"]):
             assert sorted(np.bincount(y, minlength=5).tolist()) == [len(y) // 5] * 5
-            for image, label in zip(x, y):
+            for image, label in zip(x, y, strict=True):
                 found = _source(IMAGES, classes[label], turns[label], image[0])
                 assert len(found) == 1
                 used.setdefault(int(label), []).append(found[0])
@@ -374,7 +374,7 @@ def test_labels_draw_distinct_examples_of_the_drawn_classes_only(key):
     rows = np.concatenate([task["context"][0], task["target"][0]])[:, 0].astype(int)
     assert len(set(rows.tolist())) == 20 and set(np.flatnonzero(RAGGED_LABELS == 7)) <= set(rows.tolist())
     assert all(RAGGED_LABELS[r] == task["info"]["classes"][lab] for r, lab in
-               zip(rows, np.concatenate([task["context"][1], task["target"][1]])))
+               zip(rows, np.concatenate([task["context"][1], task["target"][1]]), strict=True))
 
 
 def test_labels_from_tensors_and_pickling(key):

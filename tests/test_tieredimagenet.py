@@ -55,7 +55,7 @@ def png(rgb: np.ndarray) -> bytes:
 
 def write_folders(root: Path, split: str = "train") -> Path:
     """``root/<split>/<wnid>/<wnid>NNNNNNNN.png``, as tiered-imagenet-tools writes them (PNG: lossless)."""
-    for c, (wnid, n) in enumerate(zip(CLASSES, COUNTS)):
+    for c, (wnid, n) in enumerate(zip(CLASSES, COUNTS, strict=True)):
         folder = root / split / wnid
         folder.mkdir(parents=True)
         for i in range(n):
@@ -157,7 +157,7 @@ def test_unsorted_labels_in_the_files(tmp_path):
     sample = tieredimagenet.sampler(data, ways=4, normalize=False, info=True)
     task = sample(mb.random.key(0), 0, 1, 2)
     x, y = task["context"]
-    for row, label in zip(x, y.tolist()):
+    for row, label in zip(x, y.tolist(), strict=True):
         cls = task["info"]["classes"][label]
         assert any(np.array_equal(row, data.images[i] / np.float32(255)) for i in np.flatnonzero(order == cls))
 
@@ -176,7 +176,7 @@ def test_sampler_and_loader(tmp_path):
     inline = list(mb.task_loader(sample, specs))
     workers = list(mb.task_loader(sample, specs, num_workers=2))
     for a, b in zip(inline, workers, strict=True):
-        assert all(torch.equal(u, v) for u, v in zip(optree.tree_leaves(a), optree.tree_leaves(b)))
+        assert all(torch.equal(u, v) for u, v in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True))
     assert inline[0]["context"][0].shape == (2, 3, 3, SIDE, SIDE)
     with pytest.raises(ValueError, match=r"2 \+ 2 = 4 examples per class, but class 1 has only 3"):
         sample(key, 0, 2, 2)

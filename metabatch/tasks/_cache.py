@@ -47,6 +47,7 @@ import numpy as np
 
 from .mapped import open_npy
 
+fcntl: Any
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; concurrent builders may then replace each other's entry
@@ -104,7 +105,7 @@ class Sink:
     def append(self, item: np.ndarray) -> None:
         if self.item_shape is None:
             self.item_shape = tuple(item.shape)
-            self._start()
+            self._start(self.item_shape)
         elif tuple(item.shape) != self.item_shape:
             raise ValueError(f"item {self.count} has shape {tuple(item.shape)}, earlier ones {self.item_shape}")
         if self.count >= self.total:
@@ -112,14 +113,14 @@ class Sink:
         self._put(item)
         self.count += 1
 
-    def _start(self) -> None:
-        self.images = np.empty(self.prefix + self.item_shape, np.uint8)
-        self._flat = self.images.reshape((self.total,) + self.item_shape)
+    def _start(self, item_shape: tuple) -> None:
+        self.images = np.empty(self.prefix + item_shape, np.uint8)
+        self._flat = self.images.reshape((self.total,) + item_shape)
 
     def _put(self, item) -> None:
         self._flat[self.count] = item
 
-    def finish(self) -> np.ndarray:
+    def finish(self) -> np.ndarray | None:
         if self.count != self.total or self.images is None:
             raise ValueError(f"got {self.count} items, expected {self.total}")
         return self.images
@@ -133,12 +134,13 @@ class FileSink(Sink):
         self.f, self.filled, self.where = f, 0, where
         self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
 
-    def _start(self) -> None:
+    def _start(self, item_shape: tuple) -> None:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                  "shape": self.prefix + self.item_shape}
+                  "shape": self.prefix + item_shape}
         np.lib.format.write_array_header_1_0(self.f, header)
-        per_item = max(1, int(np.prod(self.item_shape, dtype=np.int64)))
-        self.buffer = np.empty((max(1, min(self.total, self.chunk_bytes // per_item)),) + self.item_shape, np.uint8)
+        per_item = max(1, int(np.prod(item_shape, dtype=np.int64)))
+        rows = max(1, min(self.total, self.chunk_bytes // per_item))
+        self.buffer: np.ndarray = np.empty((rows,) + item_shape, np.uint8)
 
     def _put(self, item) -> None:
         self.buffer[self.filled] = item
@@ -149,7 +151,7 @@ class FileSink(Sink):
     def _flush(self) -> None:
         if self.filled:
             try:
-                self.f.write(memoryview(self.buffer[:self.filled]).cast("B"))
+                self.f.write(self.buffer[:self.filled].data)  # C-contiguous: written as is
             except OSError as err:
                 raise OSError(err.errno, f"could not write {self.where} ({err.strerror or err}); free space "
                                          f"there, point METABATCH_CACHE or cache_dir= to another folder, or "
@@ -160,7 +162,7 @@ class FileSink(Sink):
         if self.count != self.total or self.item_shape is None:
             raise ValueError(f"got {self.count} items, expected {self.total}")
         self._flush()
-        self.buffer = None
+        self.buffer = np.empty(0, np.uint8)  # free the chunk
 
 
 def collect(build: Callable) -> tuple[np.ndarray, dict]:
@@ -239,7 +241,8 @@ def clean(folder: Path, only: str | None = None) -> list:
     has not been written to for `STALE_SECONDS`; a live builder's file stays.
     Returns the removed paths.
     """
-    removed, host, now = [], _host(), time.time()
+    removed: list[Path] = []
+    host, now = _host(), time.time()
     try:
         names = os.listdir(folder)
     except OSError:

@@ -127,7 +127,7 @@ def normalization(normalize, default: tuple, channels: int, fn: str) -> tuple:
     if normalize is False:
         return None, None
     if isinstance(normalize, tuple) and len(normalize) == 2:
-        mean, std = (channel_stats(v, n, channels, fn) for v, n in zip(normalize, ("mean", "std")))
+        mean, std = (channel_stats(v, n, channels, fn) for v, n in zip(normalize, ("mean", "std"), strict=True))
         if np.any(std == 0):
             raise ValueError(f"{fn}(): std must not contain 0, got {normalize[1]!r}.")
         return mean, std

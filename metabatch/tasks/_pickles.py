@@ -22,7 +22,7 @@ import collections
 import pickle
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 import numpy as np
 
@@ -162,7 +162,7 @@ class _Stop(Exception):
     pass
 
 
-def stream_arrays(path, *, ahead: int = 256) -> Iterator[np.ndarray]:
+def stream_arrays(path, *, ahead: int = 256) -> Generator[np.ndarray, None, None]:
     """Every numpy array in the pickle `path`, in the order they are stored, read lazily.
 
     A background thread unpickles; at most `ahead` arrays wait for the

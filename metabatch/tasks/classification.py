@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -97,10 +98,11 @@ class Classification:
             examples = rng.random((ways, per_class)).argsort(axis=1)  # a random permutation per class
             return chosen, (chosen[:, None], examples[:, :shots]), chosen
         counts = np.diff(self.offsets)
+        labels = cast(np.ndarray, self.labels)  # set together with offsets
         if shots > counts.min():
             fewest = int(counts.argmin())
             raise ValueError(f"classification(): n_ctx + n_tgt = {n_ctx} + {n_tgt} = {shots} examples per "
-                             f"class, but class {int(self.labels[fewest])} has only {int(counts[fewest])} "
+                             f"class, but class {int(labels[fewest])} has only {int(counts[fewest])} "
                              f"(the fewest); lower n_ctx / n_tgt in batch_specs, or drop the small classes.")
         chosen = rng.choice(len(counts), ways, replace=False)
         starts = self.offsets[chosen]
@@ -109,7 +111,7 @@ class Classification:
         rows = np.stack([rng.random(int(n)).argsort()[:shots] for n in counts[chosen]]) + starts[:, None]
         if self.order is not None:
             rows = self.order[rows]
-        return chosen, rows, self.labels[chosen]
+        return chosen, rows, labels[chosen]
 
     def __call__(self, key: _random.Key, idx: int, n_ctx: int, n_tgt: int) -> dict:
         """One task; see `classification`.
@@ -139,7 +141,7 @@ class Classification:
         if self.shuffle:
             pc, pt = rng.permutation(ways * n_ctx), rng.permutation(ways * n_tgt)
             ctx_x, ctx_y, tgt_x, tgt_y = ctx_x[pc], ctx_y[pc], tgt_x[pt], tgt_y[pt]
-        task = {"context": (ctx_x, ctx_y), "target": (tgt_x, tgt_y)}
+        task: dict[str, Any] = {"context": (ctx_x, ctx_y), "target": (tgt_x, tgt_y)}
         if self.info:
             task["info"] = {"classes": names.astype(np.int64), "rotations": turns.astype(np.int64)}
         return task

@@ -44,6 +44,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -87,6 +88,7 @@ class _Pager:
     """
 
     __slots__ = ("every", "map", "on", "pending", "releases")
+    every: int | None
 
     def __init__(self, map_: mmap.mmap, every: int | None):
         self.map, self.every, self.pending, self.releases = map_, every, 0, 0
@@ -99,12 +101,13 @@ class _Pager:
         the pages it is about to touch stay counted. Call only when `on`.
         """
         size = len(self.map)  # nothing maps more than the whole file: a file up to `every` is never released
+        every = self.every if self.every is not None else size  # `on` implies a bound
         if read:
             self.pending = min(self.pending + nbytes, size)
-            if self.pending > self.every:
+            if self.pending > every:
                 self.release()
             return
-        if self.pending and min(self.pending + nbytes, size) > self.every:
+        if self.pending and min(self.pending + nbytes, size) > every:
             self.release()
         self.pending = min(self.pending + nbytes, size)
 
@@ -172,6 +175,7 @@ class MmapArray(np.memmap):
         ('MmapArray', [[7, 6, 5, 4], [11, 10, 9, 8]], False)
     """
 
+    _mmap: Any  # numpy.memmap's own: the mmap.mmap, None for arrays that map no file
     _anchor: int | None = None   # address of the file's byte 0 in this mapping (virtual; may lie outside it)
     _ident: tuple | None = None  # (inode, size, mtime_ns) of the file when it was mapped
     _pager: _Pager | None = None  # shared by the views of one mapping: releases its pages now and then
@@ -277,8 +281,8 @@ def open_npy(path: str | os.PathLike, release_every: int | None = RELEASE_EVERY)
             empty = np.empty(shape, dtype, order="F" if fortran else "C")
             empty.flags.writeable = False
             return empty
-        array = np.memmap.__new__(MmapArray, f, dtype=dtype, mode="r", offset=offset, shape=shape,
-                                  order="F" if fortran else "C")
+        array = cast(MmapArray, np.memmap.__new__(MmapArray, f, dtype=dtype, mode="r", offset=offset,
+                                                  shape=shape, order="F" if fortran else "C"))
         array._pager = _Pager(array._mmap, release_every)
     array.filename = os.path.abspath(path)
     array._anchor = array.__array_interface__["data"][0] - offset
@@ -301,7 +305,8 @@ def _reopen(filename: str, ident: tuple, dtype, shape: tuple, strides: tuple, po
                           f"was rebuilt or written again: inode, size, mtime {tuple(ident)} then "
                           f"{_ident(st)}); open it again in the main process (mmap_array(path), or the "
                           f"dataset's load()) and restart the loader.")
-        whole = np.memmap.__new__(MmapArray, f, dtype=np.uint8, mode="r", offset=0, shape=(st.st_size,))
+        whole = cast(MmapArray, np.memmap.__new__(MmapArray, f, dtype=np.uint8, mode="r", offset=0,
+                                                  shape=(st.st_size,)))
         pager = _Pager(whole._mmap, release_every)
     array = np.ndarray.__new__(MmapArray, shape, dtype=dtype, buffer=whole._mmap, offset=position,
                                strides=strides)
@@ -329,7 +334,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def mmap_array(path: str | os.PathLike, data: np.ndarray | torch.Tensor | None = None, *,
-               release_every: int | None = RELEASE_EVERY) -> MmapArray:
+               release_every: int | None = RELEASE_EVERY) -> MmapArray | np.ndarray:
     """A large array for `sample_task` that every loader worker shares instead of copying.
 
     `mmap_array(path)` maps an existing `.npy` file read-only;

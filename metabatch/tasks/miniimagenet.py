@@ -121,7 +121,7 @@ def _read_split(root: Path, csv_path: Path, size: int | None, resample: str, new
     classes, files = _read_csv(csv_path)
     counts = [len(f) for f in files]
     common = max(set(counts), key=counts.count)
-    odd = [(c, n) for c, n in zip(classes, counts) if n != common]
+    odd = [(c, n) for c, n in zip(classes, counts, strict=True) if n != common]
     if odd:
         named = ", ".join(f"{c} has {n}" for c, n in odd[:5]) + (" ..." if len(odd) > 5 else "")
         raise ValueError(f"{csv_path}: every class needs the same number of images, but most have {common} "
@@ -135,7 +135,7 @@ def _read_split(root: Path, csv_path: Path, size: int | None, resample: str, new
                                 f"{len(paths)} listed images are missing); restore the images or remove "
                                 f"their rows from the csv.")
     out = new_sink((len(classes), common))
-    for path, rgb in zip(paths, _common.threaded_map(lambda p: _decode(p, size, resample), paths)):
+    for path, rgb in zip(paths, _common.threaded_map(lambda p: _decode(p, size, resample), paths), strict=True):
         if out.item_shape is not None and rgb.shape != out.item_shape:
             first = out.item_shape
             raise ValueError(f"{path} is {rgb.shape[2]}x{rgb.shape[1]} but earlier images are "

@@ -392,7 +392,7 @@ def concat(*datasets: Omniglot) -> Omniglot:
                          f"with the same size=.")
     seen, dup = set(), []
     for d in datasets:
-        for k in zip(d.alphabets, d.characters):
+        for k in zip(d.alphabets, d.characters, strict=True):
             if k in seen:
                 dup.append(k)
             seen.add(k)
@@ -536,7 +536,10 @@ def _read_run(name: str, labels_text: str, training_files: list, read: Callable[
     training = sorted(set(answer.values()) | set(training_files))  # unused classes are choices too
     where = {c: i for i, c in enumerate(training)}
     labels = np.array([where[answer[t]] for t in test], dtype=np.int64)
-    load_all = lambda files: np.stack([_decode(read(f), size, resample, name_of(f)) for f in files])
+
+    def load_all(files):
+        return np.stack([_decode(read(f), size, resample, name_of(f)) for f in files])
+
     return Run(name, load_all(training), load_all(test), labels)
 
 
@@ -593,9 +596,15 @@ def load_runs(path: str | os.PathLike, *, size: int | None = 28, resample: str =
         for labels_file in sorted(path.rglob("class_labels.txt")):
             folder = labels_file.parent
             training = [f"training/{p.name}" for p in (folder / "training").glob("*.png")]
-            runs.append(_read_run(folder.name, labels_file.read_text(), training,
-                                  lambda f, folder=folder: (folder / f).read_bytes(), size, resample,
-                                  lambda f, folder=folder: str(folder / f)))
+
+            def read_file(f: str, folder: Path = folder) -> bytes:
+                return (folder / f).read_bytes()
+
+            def name_file(f: str, folder: Path = folder) -> str:
+                return str(folder / f)
+
+            runs.append(_read_run(folder.name, labels_file.read_text(), training, read_file, size, resample,
+                                  name_file))
     else:
         with _open_zip(path) as archive:
             read = _member_reader(archive, path)
@@ -607,8 +616,15 @@ def load_runs(path: str | os.PathLike, *, size: int | None = 28, resample: str =
                 name = PurePosixPath(prefix).name or path.stem
                 training = [n[len(prefix):] for n in names if n.startswith(prefix + "training/")
                             and n.lower().endswith(".png") and "/" not in n[len(prefix) + 9:]]
-                runs.append(_read_run(name, read(entry).decode(), training, lambda f, p=prefix: read(p + f),
-                                      size, resample, lambda f, p=prefix: f"{p + f} in {path}"))
+
+                def read_member(f: str, p: str = prefix) -> bytes:
+                    return read(p + f)
+
+                def name_member(f: str, p: str = prefix) -> str:
+                    return f"{p + f} in {path}"
+
+                runs.append(_read_run(name, read(entry).decode(), training, read_member, size, resample,
+                                      name_member))
     if not runs:
         raise FileNotFoundError(f"found no run (no class_labels.txt) in {path}.")
     return tuple(sorted(runs, key=lambda r: r.name))
@@ -680,5 +696,5 @@ def score_runs(runs: Sequence[Run], classify: Callable, *, channel_dim: bool = T
                              f"{run.name}; return int predictions ({n_query},) or scores "
                              f"({n_query}, {n_support}).")
         errors.append(100.0 * float(np.mean(predicted != run.labels)))
-    errors = np.array(errors)
-    return RunsScore(errors, float(errors.mean()))
+    per_run = np.array(errors)
+    return RunsScore(per_run, float(per_run.mean()))

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
-from .. import random as _random
 from .. import _validate
+from .. import random as _random
 
 __all__ = ["GP", "gp", "sinusoid"]
 
@@ -81,7 +82,7 @@ def sinusoid(key: _random.Key, idx: int, n_ctx: int, n_tgt: int, *,
     ph = rng.uniform(phase[0], phase[1])
     x = rng.uniform(x_range[0], x_range[1], size=(n_ctx + n_tgt, 1)).astype(np.float32)
     y = (amp * np.sin(x + np.float32(ph))).astype(np.float32, copy=False)
-    out = {"context": (x[:n_ctx], y[:n_ctx]), "target": (x[n_ctx:], y[n_ctx:])}
+    out: dict[str, Any] = {"context": (x[:n_ctx], y[:n_ctx]), "target": (x[n_ctx:], y[n_ctx:])}
     if info:
         out["info"] = {"amplitude": np.float32(amp), "phase": np.float32(ph)}
     return out
@@ -127,7 +128,7 @@ class GP:
         kernel.flat[::n + 1] += self.noise * self.noise + 1e-6 * scale * scale
         y = np.linalg.cholesky(kernel) @ z
         x, y = x.astype(np.float32), y.astype(np.float32)
-        out = {"context": (x[:n_ctx], y[:n_ctx]), "target": (x[n_ctx:], y[n_ctx:])}
+        out: dict[str, Any] = {"context": (x[:n_ctx], y[:n_ctx]), "target": (x[n_ctx:], y[n_ctx:])}
         if self.info:
             out["info"] = {"length_scale": np.float32(ls), "output_scale": np.float32(scale)}
         return out

@@ -132,7 +132,7 @@ def _read_folders(folder: Path, size, resample, new_sink) -> dict:
         return _common.rgb(path.read_bytes(), size, resample, "tieredimagenet", str(path),
                            "replace or remove that file")
 
-    for path, rgb in zip(paths, _common.threaded_map(decode, paths)):
+    for path, rgb in zip(paths, _common.threaded_map(decode, paths), strict=True):
         if out.item_shape is not None and rgb.shape != out.item_shape:
             first = out.item_shape
             raise ValueError(f"{path} is {rgb.shape[2]}x{rgb.shape[1]} but earlier images are "
@@ -168,8 +168,8 @@ def _labels(path: Path) -> tuple[np.ndarray, list, list | None]:
     if general is not None and general_str is not None:
         general = np.asarray(general)
         if general.shape == labels.shape:
-            first = {}
-            for c, g in zip(labels.tolist(), general.tolist()):
+            first: dict[int, object] = {}
+            for c, g in zip(labels.tolist(), general.tolist(), strict=True):
                 first.setdefault(c, g)
             categories = [str(general_str[first[c]]) if c in first else "" for c in range(len(names))]
     return labels, names, categories
@@ -182,7 +182,7 @@ def _runs(labels: np.ndarray) -> list:
     cuts = np.flatnonzero(np.diff(labels)) + 1
     starts = np.concatenate([[0], cuts])
     counts = np.diff(np.concatenate([starts, [labels.size]]))
-    return [[int(labels[s]), int(n)] for s, n in zip(starts, counts)]
+    return [[int(labels[s]), int(n)] for s, n in zip(starts, counts, strict=True)]
 
 
 def _read_npz(path: Path, n: int, size, resample, new_sink) -> None:
@@ -365,7 +365,10 @@ def load(root: str | os.PathLike, split: str, *, size: int | None = 84, resample
 
     if not cache:
         images, meta = _cache.collect(build)
-        return _data(images, dict(meta, size=size))
+        data = _data(images, dict(meta, size=size))
+        if data is None:  # what a reader builds always matches (only a cache entry can be stale)
+            raise RuntimeError(f"tieredimagenet.load(): the images read from {path} do not match their labels.")
+        return data
     tag = f"{split}.{size or 'full'}px-{resample}"
     request = {"format": _CACHE_FORMAT, "fingerprint": _fingerprint(root, split, layout, path),
                "source": str(path.resolve()), "layout": layout, "split": split, "size": size,
