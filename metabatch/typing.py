@@ -5,8 +5,7 @@ reference; nothing checks them at run time (the functions validate their
 arguments themselves).
 
 Examples:
-    >>> import optree.typing
-import torch
+    >>> import torch
     >>> from metabatch.typing import PyTree, Rate
     >>> params: PyTree = {"w": torch.zeros(3), "b": [torch.zeros(())]}
     >>> lr: Rate = 0.1
