@@ -113,8 +113,11 @@ def parser(doc: str, defaults: dict, upstream: dict | None, inner_loop: bool = T
          default=1000)
     flag("--seed", None, "the seed of everything else", type=nonneg, default=0)
     flag("--num-workers", None, "task-loader worker processes", type=nonneg, default=1)
-    flag("--threads", None, "torch.set_num_threads in the main process (0: torch's default, one per core)",
-         type=nonneg, default=0)
+    workers = p.get_default("num_workers")
+    p.add_argument("--threads", type=nonneg, default=None,
+                   help="torch intra-op threads in the main process (default: the cores this process may use "
+                        f"minus --num-workers, at least 1: {mb.runtime.default_threads(workers)} here with "
+                        f"{workers} worker{'s' if workers != 1 else ''}; 0: torch's own default, one per core)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available (default auto)")
     p.add_argument("--tf32", action="store_true", help="CUDA only: TF32 matmuls and convolutions")
@@ -219,8 +222,6 @@ def device_for(args) -> torch.device:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here; use --device auto or cpu.")
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not cuda:
         return torch.device("cpu")
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
@@ -463,8 +464,21 @@ def run(args, *, name: str, model_fn, train_task, val_task, evaluations, log=pri
     ``evaluations``: ``[(label, fn)]``; ``fn(model, params, device) -> (dict, final_line)`` is run on the
     best model; its dict goes to metrics.json under `label`, its line is printed. `method`: a
     `Method`, or `None` for `maml_method`; `method` may also be a function of the built
-    model returning one (for methods whose extra parameters depend on the model).
+    model returning one (for methods whose extra parameters depend on the model). `--threads` applies
+    while it runs (`None`: `metabatch.runtime.default_threads(--num-workers)`; 0: torch's own count).
     """
+    if args.threads is None:  # every example's policy: the cores left over by the loader workers
+        args.threads = mb.runtime.default_threads(args.num_workers)
+    previous = mb.runtime.use_threads(args.threads) if args.threads else None  # 0: torch's own default
+    try:
+        return _run(args, name=name, model_fn=model_fn, train_task=train_task, val_task=val_task,
+                    evaluations=evaluations, log=log, method=method)
+    finally:
+        if previous is not None:
+            torch.set_num_threads(previous)  # the caller's count back (a script called as a function)
+
+
+def _run(args, *, name: str, model_fn, train_task, val_task, evaluations, log, method) -> dict:
     device = device_for(args)
     load = os.getloadavg()
     model = model_fn(mb.random.fold_in(mb.random.key(args.seed), 1)).to(device)

@@ -64,21 +64,8 @@ UPSTREAM = {"n_way": 5, "k_spt": 1, "k_qry": 15, "imgsz": 84, "task_num": 4, "me
             "update_step": 5, "update_step_test": 10}  # MAML-Pytorch's miniimagenet_train.py
 
 
-def threads_default(p):
-    """--threads defaults to metabatch.runtime.default_threads(--num-workers), as in every example."""
-    import metabatch as mb
-
-    for action in p._actions:  # the flag comes from _fewshot.parser; only its default and help change
-        if action.dest == "threads":
-            action.default = None
-            action.help = ("torch intra-op threads (default: the cores this process may use minus "
-                           f"--num-workers, at least 1: {mb.runtime.default_threads(1)} here with 1 worker; "
-                           "0: torch's own default, one per core)")
-
-
 def make_parser():
     p = _fewshot.parser(__doc__, DEFAULTS, UPSTREAM)
-    threads_default(p)
     p.add_argument("--data", type=pathlib.Path, required=True, metavar="DIR",
                    help="mini-ImageNet in the Ravi & Larochelle layout (images/, train.csv, val.csv, test.csv), "
                         "or with --dataset tieredimagenet, tiered-ImageNet's folder")
@@ -123,14 +110,8 @@ def _load_mini(p, args):
 
 
 def main(argv=None):
-    import torch
-
-    import metabatch as mb
-
     p = make_parser()
     args = p.parse_args(argv)
-    if args.threads is None:
-        args.threads = mb.runtime.default_threads(args.num_workers)
     load = _load_tiered if args.dataset == "tieredimagenet" else _load_mini
     splits, num_classes, per_class, in_channels, sampler = load(p, args)
     _fewshot.check(p, args, num_classes=num_classes["train"], per_class=per_class)
@@ -145,12 +126,8 @@ def main(argv=None):
 
     name = "MAML tiered-ImageNet" if args.dataset == "tieredimagenet" else "MAML mini-ImageNet"
     test = _fewshot.accuracy_eval(tasks["test"], args, f"test split ({num_classes['test']} classes)")
-    threads = torch.get_num_threads()  # _fewshot.run applies --threads; put the caller's count back after
-    try:
-        return _fewshot.run(args, name=name, model_fn=model_fn, train_task=tasks["train"],
-                            val_task=tasks["val"], evaluations=[("test", test)])
-    finally:
-        torch.set_num_threads(threads)
+    return _fewshot.run(args, name=name, model_fn=model_fn, train_task=tasks["train"], val_task=tasks["val"],
+                        evaluations=[("test", test)])  # it applies --threads and puts the caller's count back
 
 
 if __name__ == "__main__":

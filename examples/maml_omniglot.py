@@ -27,9 +27,12 @@ minutes on 2 CPU cores:
   test tasks keep 15, --eval-query);
 - 8 tasks per meta-step instead of 32, Adam at 3e-3 with a cosine decay to 0 over 12 000 steps;
 - every training image moved by up to 2 pixels (--shift 2): 116 characters overfit otherwise;
-- --threads 1: on a machine shared with other work, two intra-op threads wait on each other and a step
-  gets 3-6x slower; one thread keeps ~90 ms per step and leaves the other core to the task loader
-  (--num-workers 1). On a machine of your own, --threads 0 (one per core) is faster.
+- one intra-op thread: --threads defaults to the cores this process may use minus --num-workers
+  (metabatch.runtime.default_threads, as in every example), which is 1 on the 2-core machine with the
+  default 1 worker, the setting of the measured runs. When other work shares the machine, two intra-op
+  threads wait on each other and a step gets 3-6x slower; one thread keeps ~90 ms per step and leaves the
+  other core to the task loader. With more cores than that, pass --threads 1 on a shared machine; on a
+  machine of your own the default (or --threads 0, torch's one per core) is faster.
 
 Measured (seed 0, torch 2.13 CPU, 2 cores shared with other jobs, load average 1.0-2.8): 12 000
 meta-steps in 19.3 min of training (96 ms per step, 83 tasks/s, 2 491 images/s), 21.0 min with the
@@ -87,7 +90,7 @@ from metabatch.tasks import omniglot
 
 DEFAULTS = {"ways": 5, "shots": 1, "query": 5, "image_size": 28, "meta_batch": 8, "meta_lr": 3e-3,
             "lr_schedule": "cosine", "inner_lr": 0.4, "inner_steps": 1, "test_steps": 10, "steps": 12000,
-            "first_order_steps": 0, "chunk_size": 0, "val_tasks": 200, "val_every": 1000, "threads": 1,
+            "first_order_steps": 0, "chunk_size": 0, "val_tasks": 200, "val_every": 1000,
             "out": pathlib.Path("runs/maml_omniglot")}
 UPSTREAM = {"n_way": 5, "k_spt": 1, "k_qry": 15, "imgsz": 28, "task_num": 32, "meta_lr": 1e-3, "update_lr": 0.4,
             "update_step": 5, "update_step_test": 10}  # MAML-Pytorch's omniglot_train.py

@@ -39,7 +39,7 @@ from metabatch.tasks import omniglot
 
 DEFAULTS = {"ways": 5, "shots": 1, "query": 5, "image_size": 28, "meta_batch": 2, "meta_lr": 2e-3,
             "lr_schedule": "cosine", "steps": 6000, "chunk_size": 0, "val_tasks": 200, "val_every": 500,
-            "threads": 1, "out": pathlib.Path("runs/protonet_omniglot")}
+            "out": pathlib.Path("runs/protonet_omniglot")}
 
 
 def make_parser():

@@ -1,9 +1,9 @@
 """Argument checks shared by every module (private, shared on purpose).
 
-One message shape everywhere: ``"fn(): name must be <what>, got <value>."``,
-with a ``TypeError`` for a value of the wrong type and a ``ValueError`` for a
+One message shape everywhere: `"fn(): name must be <what>, got <value>."`,
+with a `TypeError` for a value of the wrong type and a `ValueError` for a
 value of the right type outside its range. Numpy integers count as ints and
-numpy floats as numbers; ``bool`` is never an int here, even though Python
+numpy floats as numbers; `bool` is never an int here, even though Python
 says it is.
 
 Examples:
@@ -42,16 +42,16 @@ def _got(value: Any) -> str:
 
 
 def is_int(value: Any) -> bool:
-    """Whether ``value`` is a Python or numpy int (not a bool)."""
+    """Whether `value` is a Python or numpy int (not a bool)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def integer(value: Any, name: str, fn: str, *, low: int | None = None, high: int | None = None) -> int:
-    """``value`` as a Python int in ``[low, high]``.
+    """`value` as a Python int in `[low, high]`.
 
     Raises:
-        TypeError: ``value`` is not an int (a bool, a float such as ``1.0``, a string).
-        ValueError: ``value`` lies outside ``[low, high]``.
+        TypeError: `value` is not an int (a bool, a float such as `1.0`, a string).
+        ValueError: `value` lies outside `[low, high]`.
     """
     if not is_int(value):
         raise TypeError(f"{fn}(): {name} must be an int, got {_got(value)}.")
@@ -65,12 +65,12 @@ def integer(value: Any, name: str, fn: str, *, low: int | None = None, high: int
 
 def number(value: Any, name: str, fn: str, *, low: float | None = None, high: float | None = None,
            strict_low: bool = False, finite: bool = True) -> float:
-    """``value`` (an int or float, Python or numpy, or a 0-d numeric array) as a float.
+    """`value` (an int or float, Python or numpy, or a 0-d numeric array) as a float.
 
     Raises:
-        TypeError: ``value`` is not a real number.
-        ValueError: it is NaN or infinite (with ``finite``), or outside the bounds
-            (``> low`` with ``strict_low``, else ``>= low``; ``<= high``).
+        TypeError: `value` is not a real number.
+        ValueError: it is NaN or infinite (with `finite`), or outside the bounds
+            (`> low` with `strict_low`, else `>= low`; `<= high`).
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         if not (isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"):
@@ -86,38 +86,38 @@ def number(value: Any, name: str, fn: str, *, low: float | None = None, high: fl
 
 
 def flag(value: Any, name: str, fn: str) -> bool:
-    """``value`` as a bool; only ``True``/``False`` (and numpy bools) are accepted."""
+    """`value` as a bool; only `True`/`False` (and numpy bools) are accepted."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{fn}(): {name} must be True or False, got {_got(value)}.")
     return bool(value)
 
 
 def choice(value: Any, name: str, fn: str, choices: Sequence[Any]) -> Any:
-    """``value`` if it is one of ``choices``, else a ValueError listing them."""
+    """`value` if it is one of `choices`, else a ValueError listing them."""
     if value not in choices:
         raise ValueError(f"{fn}(): {name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
     return value
 
 
 def callable_(value: Any, name: str, fn: str) -> Any:
-    """``value`` if it is callable, else a TypeError."""
+    """`value` if it is callable, else a TypeError."""
     if not callable(value):
         raise TypeError(f"{fn}(): {name} must be callable, got {_got(value)}.")
     return value
 
 
 def sizes(n_ctx: Any, n_tgt: Any, fn: str) -> tuple[int, int]:
-    """``(n_ctx, n_tgt)`` as ints in ``[0, MAX_SIZE]``."""
+    """`(n_ctx, n_tgt)` as ints in `[0, MAX_SIZE]`."""
     return (integer(n_ctx, "n_ctx", fn, low=0, high=MAX_SIZE),
             integer(n_tgt, "n_tgt", fn, low=0, high=MAX_SIZE))
 
 
 def int_range(value: Any, name: str, fn: str, *, low: int = 0, high: int = MAX_SIZE) -> tuple[int, int]:
-    """An int or an inclusive ``(low, high)`` pair of ints -> ``(low, high)``, within ``[low, high]``.
+    """An int or an inclusive `(low, high)` pair of ints -> `(low, high)`, within `[low, high]`.
 
     Raises:
-        TypeError: ``value`` is neither an int nor a pair of ints.
-        ValueError: a bound lies outside ``[low, high]``, or the pair is empty (``low > high``).
+        TypeError: `value` is neither an int nor a pair of ints.
+        ValueError: a bound lies outside `[low, high]`, or the pair is empty (`low > high`).
     """
     if is_int(value):
         first = last = integer(value, name, fn, low=low, high=high)
@@ -136,7 +136,7 @@ def int_range(value: Any, name: str, fn: str, *, low: int = 0, high: int = MAX_S
 
 def interval(value: Any, name: str, fn: str, *, positive: bool = False, fixed_ok: bool = True
              ) -> tuple[float, float]:
-    """A number (a fixed value, when ``fixed_ok``) or a ``(low, high)`` pair -> ``(low, high)``."""
+    """A number (a fixed value, when `fixed_ok`) or a `(low, high)` pair -> `(low, high)`."""
     if isinstance(value, (tuple, list)) and len(value) == 2:
         if not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
                    for v in value):

@@ -1,23 +1,24 @@
-"""Exact and fast task-batching rules for norms, convolutions and pooling under ``vmap``.
+"""Exact and fast task-batching rules for norms, convolutions and pooling under `vmap`.
 
-:func:`batching_rules` is a context manager that :func:`metabatch.maml.meta_loss`
-enters around its ``vmap`` over tasks. While it is active, a few ``torch.nn.functional``
-calls whose arguments are batched by ``vmap`` are routed through metabatch's own rules:
+[`batching_rules`][metabatch.batching.batching_rules] is a context manager that
+[`metabatch.maml.meta_loss`][] enters around its `vmap` over tasks. While it is
+active, a few `torch.nn.functional` calls whose arguments are batched by `vmap` are
+routed through metabatch's own rules:
 
-* ``batch_norm`` (training mode), ``layer_norm`` and ``instance_norm``: PyTorch's
+* `batch_norm` (training mode), `layer_norm` and `instance_norm`: PyTorch's
   batching rules for their backward compute the weight gradient from the saved
   mean and inverse standard deviation, which are *non-differentiable* outputs of
-  ``native_batch_norm`` / ``native_layer_norm``. Differentiating the inner
+  `native_batch_norm` / `native_layer_norm`. Differentiating the inner
   gradient again (second-order MAML) therefore drops the terms through the batch
-  statistics: the meta-gradient is wrong (see ``docs/sharp-bits.md``). metabatch
+  statistics: the meta-gradient is wrong (see `docs/sharp-bits.md`). metabatch
   folds the task dimension into the channels and calls the native kernels, whose
   double-backward formulas are right, or uses an exact mean/variance decomposition.
-* ``conv2d`` (in the query pass, outside any inner ``grad``) and ``max_pool2d``:
-  tasks are folded into channels (one grouped convolution over ``[N, T*C, H, W]``
+* `conv2d` (in the query pass, outside any inner `grad`) and `max_pool2d`:
+  tasks are folded into channels (one grouped convolution over `[N, T*C, H, W]`
   in channels-last memory, one pooling call), which keeps every activation in
   one layout from layer to layer instead of transposing and copying it around
-  each op, as the stock rules do, and is much faster on CPU. ``Tensor.view`` of
-  a channels-last activation falls back to ``reshape`` when a view is impossible.
+  each op, as the stock rules do, and is much faster on CPU. `Tensor.view` of
+  a channels-last activation falls back to `reshape` when a view is impossible.
 
 Calls whose arguments are not batched go straight to PyTorch.
 """
@@ -382,8 +383,8 @@ class _BatchingRules(TorchFunctionMode):
 class _State(threading.local):
     """Per-thread: whether the rules are installed, and the layout they use.
 
-    Both attributes exist from each thread's first access on (``threading.local`` runs
-    ``__init__`` per thread): ``torch.compile`` guards on them, and an attribute that appeared
+    Both attributes exist from each thread's first access on (`threading.local` runs
+    `__init__` per thread): `torch.compile` guards on them, and an attribute that appeared
     only after the first call made every compiled meta-step compile twice.
     """
 
@@ -399,21 +400,21 @@ _state = _State()
 def batching_rules(enabled: bool = True, *, channels_last: bool = True):
     """Route batched norm, conv and pooling calls through metabatch's exact rules.
 
-    :func:`metabatch.maml.meta_loss` and the other task-batched functions of
-    :mod:`metabatch.maml` enter this context themselves; enter it yourself when
-    you call ``torch.func.vmap`` over tasks with your own code. Inside it, while
-    vmapped, ``F.batch_norm`` in training mode uses each task's batch
+    [`metabatch.maml.meta_loss`][] and the other task-batched functions of
+    `metabatch.maml` enter this context themselves; enter it yourself when
+    you call `torch.func.vmap` over tasks with your own code. Inside it, while
+    vmapped, `F.batch_norm` in training mode uses each task's batch
     statistics and never updates running statistics, and the meta-gradient
-    through ``batch_norm``, ``layer_norm`` and ``instance_norm`` is exact (it is
-    not with PyTorch's own batching rules: ``docs/sharp-bits.md``).
+    through `batch_norm`, `layer_norm` and `instance_norm` is exact (it is
+    not with PyTorch's own batching rules: `docs/sharp-bits.md`).
     Nested uses are free: only the outermost one installs the rules, so
-    ``with batching_rules(channels_last=False): maml.meta_loss(...)`` sets the layout
-    for a ``meta_loss`` call.
+    `with batching_rules(channels_last=False): maml.meta_loss(...)` sets the layout
+    for a `meta_loss` call.
 
     Args:
-        enabled: ``False`` makes the context a no-op (to compare with stock PyTorch).
+        enabled: `False` makes the context a no-op (to compare with stock PyTorch).
         channels_last: hold batched conv activations of the query pass channels-last
-            (faster on CPU). ``False`` keeps them contiguous, for code that needs it.
+            (faster on CPU). `False` keeps them contiguous, for code that needs it.
 
     Examples:
         >>> import torch, metabatch as mb

@@ -303,7 +303,7 @@ def adapt(loss_fn: LossFn, params: PyTree, support: PyTree, *, steps: int = 1, l
         per_step: parameters with a leading step dimension (see [Options][metabatch.maml.Options]).
 
     Returns:
-        The adapted parameters, a pytree like `params`, ready for the query pass: per-step
+        The adapted parameters, a pytree like `params`, ready for the query pass. Per-step
         leaves are given at the query's index (`leaf[steps - 1]`).
 
     Raises:

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .batching import batching_rules as batching_rules  # the documented alias: an explicit re-export
+
 __all__ = ["accuracy", "functional", "objective", "params"]  # (batching_rules: see metabatch.batching)
 
 

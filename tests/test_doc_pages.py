@@ -41,11 +41,7 @@ def test_the_quickstarts_are_collected():
 
 # Pages whose blocks do not run yet, with their owner's issue: strict, so that a page that starts to run
 # fails here until its entry is removed.
-NOT_YET = {
-    "docs/distributed.md": "its block needs torchrun's environment (RANK, WORLD_SIZE): issue 12",
-    "docs/maml.md": "fragments that use names defined nowhere on the page: issue 12",
-    "docs/sharp-bits.md": "fragments that use names defined nowhere on the page: issue 12",
-}
+NOT_YET: dict[str, str] = {}
 
 
 # Run under spawn too (the start method of macOS and Windows): the pages a new user copies first. The

@@ -163,6 +163,21 @@ def test_omniglot_one_shot_runs(tiny_omniglot, tmp_path, capsys):
     assert metrics["test"]["on"] == "held-out alphabets: Tagalog"  # Latin is in the training data
 
 
+@pytest.mark.parametrize("script", ["maml_omniglot.py", "protonet_omniglot.py"])
+def test_threads_default_and_the_callers_count_comes_back(tiny_omniglot, tmp_path, script):
+    """No --threads: metabatch.runtime.default_threads(--num-workers), applied while the run lasts."""
+    assert TINY[-2:] == ("--threads", 1)
+    train, _ = tiny_omniglot
+    flags = list(TINY[:-2])
+    if script.startswith("protonet"):  # no inner loop: no --test-steps; fewer classes per training episode
+        del flags[flags.index("--test-steps"):flags.index("--test-steps") + 2]
+        flags += ["--train-ways", 4]
+    torch.set_num_threads(3)  # the caller's count: neither the default nor torch's own here
+    metrics = run_example(script, "--train", train, "--val-classes", 5, *flags, "--steps", 1, "--out", tmp_path)
+    assert metrics["threads"] == metrics["args"]["threads"] == mb.runtime.default_threads(0)
+    assert torch.get_num_threads() == 3
+
+
 def test_omniglot_without_eval_reports_validation(tiny_omniglot, tmp_path, capsys):
     train, _ = tiny_omniglot
     metrics = run_example("maml_omniglot.py", "--train", train, "--val-classes", 5, *TINY, "--steps", 1,

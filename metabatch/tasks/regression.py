@@ -53,7 +53,7 @@ def sinusoid(key: _random.Key, idx: int, n_ctx: int, n_tgt: int, *,
             scalars), e.g. to plot the true curve.
 
     Returns:
-        `{"context": (x, y), "target": (x, y)}`: float32 arrays of shapes
+        `{"context": (x, y), "target": (x, y)}`, float32 arrays of shapes
         `(n_ctx, 1)` and `(n_tgt, 1)`; plus `"info"` with `info=True`.
 
     Raises:
@@ -157,8 +157,8 @@ def gp(length_scale: float | tuple[float, float] = 0.6, output_scale: float | tu
         info: also return `"info": {"length_scale", "output_scale"}` per task.
 
     Returns:
-        A `GP`: `GP(key, idx, n_ctx, n_tgt) -> {"context": (x, y),
-        "target": (x, y)}` with float32 arrays of shape `(n, 1)`. It is
+        A [`GP`][metabatch.tasks.GP], called as `GP(key, idx, n_ctx, n_tgt)`; it returns
+        `{"context": (x, y), "target": (x, y)}` with float32 arrays of shape `(n, 1)`. It is
         picklable, so it works with any loader start method; `idx` is ignored.
 
     Raises:
