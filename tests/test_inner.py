@@ -411,6 +411,10 @@ def test_bad_arguments_name_the_value():
         inner.adam({"a": 0.1, "b": torch.tensor([0.1, float("nan")])})
     with pytest.raises(ValueError, match=r"adam\(\): b2 must be < 1, got 1.0"):
         inner.adam(0.1, b2=1.0)
+    with pytest.raises(ValueError, match=r"adam\(\): eps must be > 0, got 0.0: .* 0/0 = NaN; .*eps=1e-8"):
+        inner.adam(0.1, eps=0.0)  # a zero gradient entry (a dead unit) would make its update NaN
+    tiny = inner.adam(0.1, eps=1e-30).update({"w": torch.zeros(2)}, inner.AdamState(0, None, None))[0]["w"]
+    assert torch.equal(tiny, torch.zeros(2))
     with pytest.raises(ValueError, match=r"momentum\(\): momentum must be >= 0.0"):
         inner.momentum(0.1, momentum=-0.5)
     with pytest.raises(TypeError, match=r"momentum\(\): nesterov must be True or False"):
