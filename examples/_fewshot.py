@@ -39,7 +39,8 @@ STREAM_ARGS = ("seed", "ways", "shots", "query", "meta_batch", "inner_steps", "i
 # ----------------------------------------------------------------------------- command line
 
 
-def _int_at_least(low: int):
+def int_at_least(low: int):
+    """An argparse `type=` for ints >= `low` (the scripts share it)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -81,8 +82,8 @@ def parser(doc: str, defaults: dict, upstream: dict | None, inner_loop: bool = T
         theirs = f"; MAML-Pytorch {alias} default {upstream[alias[2:]]}" if alias else ""
         p.add_argument(*names, dest=dest, default=ours, help=f"{help_} (default {ours}{theirs})", **kw)
 
-    pos, nonneg = _int_at_least(1), _int_at_least(0)
-    flag("--ways", "--n_way", "N, classes per task", type=_int_at_least(2))
+    pos, nonneg = int_at_least(1), int_at_least(0)
+    flag("--ways", "--n_way", "N, classes per task", type=int_at_least(2))
     flag("--shots", "--k_spt", "K, support images per class", type=pos)
     flag("--query", "--k_qry", "query images per class in training tasks", type=pos)
     flag("--image-size", "--imgsz", "image side in pixels", type=pos)
@@ -230,7 +231,8 @@ def device_for(args) -> torch.device:
     return torch.device("cuda")
 
 
-def _to(batch, device):
+def to_device(batch, device):
+    """`batch` (a pytree of tensors) on `device`; on the CPU, as it is."""
     if device.type == "cpu":
         return batch
     return optree.tree_map(lambda t: t.to(device, non_blocking=True), batch)
@@ -294,7 +296,7 @@ def accuracy_on(model, params, sample_task, *, num_tasks: int, seed: int, args, 
                             pin_memory=device.type == "cuda")
     per_task = []
     for batch in loader:
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         per_task.append(per_task_accuracy(batch).double().cpu())
     return torch.cat(per_task)[:num_tasks]
 
@@ -402,7 +404,7 @@ def train(model, train_task, val_task, args, device, log, method: Method | None 
     step = state["start"]
     for spec, batch in zip(specs, loader, strict=True):
         tic = time.perf_counter()
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         loss = method.meta_loss(model, params, batch, spec.step)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -71,7 +71,7 @@ def make_parser():
                         "or with --dataset tieredimagenet, tiered-ImageNet's folder")
     p.add_argument("--dataset", choices=("miniimagenet", "tieredimagenet"), default="miniimagenet",
                    help="the data set in --data (default miniimagenet)")
-    p.add_argument("--channels", type=_fewshot._int_at_least(1), default=32, help="conv filters (default 32)")
+    p.add_argument("--channels", type=_fewshot.int_at_least(1), default=32, help="conv filters (default 32)")
     return p
 
 

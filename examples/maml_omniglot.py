@@ -104,10 +104,10 @@ def make_parser():
                    help="evaluate on the characters of these zips/folders whose alphabets are not in --train")
     p.add_argument("--eval-runs", type=pathlib.Path, default=None, metavar="DIR",
                    help="evaluate on Lake et al.'s one-shot runs: all_runs.zip or its folder (needs --ways 20)")
-    p.add_argument("--val-classes", type=_fewshot._int_at_least(1), default=20,
+    p.add_argument("--val-classes", type=_fewshot.int_at_least(1), default=20,
                    help="training characters held out for validation (default 20)")
-    p.add_argument("--channels", type=_fewshot._int_at_least(1), default=64, help="conv filters (default 64)")
-    p.add_argument("--shift", type=_fewshot._int_at_least(0), default=2,
+    p.add_argument("--channels", type=_fewshot.int_at_least(1), default=64, help="conv filters (default 64)")
+    p.add_argument("--shift", type=_fewshot.int_at_least(0), default=2,
                    help="move each training image by up to N pixels in x and y (default 2)")
     p.add_argument("--flip", action="store_true",
                    help="mirror each class of a training task with probability 1/2 (a new character)")
@@ -129,7 +129,7 @@ def make_parser():
     pp.add_argument("--bnwb", action=on_off, default=None, help="per-step batch-norm weights and biases")
     pp.add_argument("--bnrs", action=on_off, default=None,
                     help="per-step batch-norm statistics (from --bnrs-tasks training tasks) used at evaluation")
-    pp.add_argument("--bnrs-tasks", type=_fewshot._int_at_least(1), default=64,
+    pp.add_argument("--bnrs-tasks", type=_fewshot.int_at_least(1), default=64,
                     help="training tasks whose statistics --bnrs uses (default 64)")
     pp.add_argument("--da", action=on_off, default=None,
                     help="derivative-order annealing: first-order for the first --da-fraction of --steps")
@@ -300,7 +300,7 @@ def mamlpp_method(args, model, train_task, log) -> _fewshot.Method:
                                n_tgt=args.query, num_batches=-(-n // min(n, args.eval_batch)))
         parts = []
         for batch in mb.task_loader(train_task, specs, num_workers=0):
-            batch = _fewshot._to(batch, device)
+            batch = _fewshot.to_device(batch, device)
             parts.append(mamlpp.bn_statistics(model, loss_fn, params, batch["context"], batch["target"], steps=steps,
                                               inner=opt, per_step=per_bn_param))
         return {k: torch.stack([part[k] for part in parts]).mean(0) for k in parts[0]}

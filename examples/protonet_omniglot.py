@@ -48,14 +48,14 @@ def make_parser():
                    help="Omniglot zips or folders to train on")
     p.add_argument("--eval", type=pathlib.Path, nargs="+", default=None, metavar="PATH",
                    help="evaluate on the characters of these zips/folders whose alphabets are not in --train")
-    p.add_argument("--train-ways", type=_fewshot._int_at_least(2), default=20,
+    p.add_argument("--train-ways", type=_fewshot.int_at_least(2), default=20,
                    help="classes per training episode (default 20; the paper used 60)")
     p.add_argument("--distance", choices=("sqeuclidean", "cosine"), default="sqeuclidean",
                    help="distance to the prototypes (default sqeuclidean, the paper's)")
-    p.add_argument("--val-classes", type=_fewshot._int_at_least(1), default=20,
+    p.add_argument("--val-classes", type=_fewshot.int_at_least(1), default=20,
                    help="training characters held out for validation (default 20)")
-    p.add_argument("--channels", type=_fewshot._int_at_least(1), default=64, help="conv filters (default 64)")
-    p.add_argument("--shift", type=_fewshot._int_at_least(0), default=2,
+    p.add_argument("--channels", type=_fewshot.int_at_least(1), default=64, help="conv filters (default 64)")
+    p.add_argument("--shift", type=_fewshot.int_at_least(0), default=2,
                    help="move each training image by up to N pixels in x and y (default 2)")
     p.add_argument("--flip", action="store_true",
                    help="mirror each class of a training task with probability 1/2 (a new character)")

@@ -93,6 +93,10 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, *, b
     Returns:
         `x`, a list like `b`.
 
+    Raises:
+        TypeError: `matvec` is not callable, `b` is not a non-empty list of tensors, a bad `steps` type.
+        ValueError: a negative `steps`; `matvec` returns another number of tensors than it was given.
+
     Examples:
         >>> import torch
         >>> from metabatch import imaml
@@ -101,12 +105,21 @@ def conjugate_gradient(matvec: Callable[[list], list], b: list, steps: int, *, b
         >>> torch.allclose(A @ x[0], torch.tensor([1.0, 2.0]))
         True
     """
+    fn = "conjugate_gradient"
+    _validate.callable_(matvec, "matvec", fn)
+    steps = _validate.integer(steps, "steps", fn, low=0)
+    batched = _validate.flag(batched, "batched", fn)
+    if not isinstance(b, (list, tuple)) or not b or not all(isinstance(t, torch.Tensor) for t in b):
+        raise TypeError(f"{fn}(): b must be a non-empty list of tensors (the right-hand side, one tensor per "
+                        f"parameter), got {type(b).__name__}.")
     x = [torch.zeros_like(t) for t in b]
     r = list(b)
     p = list(b)
     rs = _dot(r, r, batched)
     for _ in range(steps):
-        ap = matvec(p)
+        ap = list(matvec(p))
+        if len(ap) != len(p):
+            raise ValueError(f"{fn}(): matvec returned {len(ap)} tensors for {len(p)}; return A v as a list like v.")
         alpha = _safe_div(rs, _dot(p, ap, batched))
         x = [xi + _scale(alpha, pi, batched) for xi, pi in zip(x, p, strict=True)]
         r = [ri - _scale(alpha, api, batched) for ri, api in zip(r, ap, strict=True)]

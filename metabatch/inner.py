@@ -292,13 +292,13 @@ def adam(lr: Rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Opt
         lr: a number, a 0-d tensor, or a pytree like the parameters; tensors may require grad.
         b1: β₁ in [0, 1).
         b2: β₂ in [0, 1).
-        eps: added to `√v̂`; ≥ 0.
+        eps: added to `√v̂`; > 0 (at 0, a gradient entry that is exactly 0 gives 0/0 = NaN).
 
     Returns:
         An [Optimizer][metabatch.inner.Optimizer] with state [AdamState][metabatch.inner.AdamState].
 
     Raises:
-        ValueError: a non-finite `lr`; `b1`, `b2` outside [0, 1); a negative `eps`.
+        ValueError: a non-finite `lr`; `b1`, `b2` outside [0, 1); an `eps` that is not > 0.
         TypeError: arguments of the wrong type.
 
     Examples:
@@ -317,6 +317,10 @@ def adam(lr: Rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Opt
         if value >= 1:
             raise ValueError(f"adam(): {name} must be < 1, got {value!r}.")
     eps = _validate.number(eps, "eps", "adam", low=0.0)
+    if eps == 0:
+        raise ValueError(f"adam(): eps must be > 0, got {eps!r}: a gradient entry that is exactly 0 (a dead ReLU "
+                         f"unit) makes m = v = 0 there and its update 0/0 = NaN; keep a small eps such as the "
+                         f"default eps=1e-8.")
 
     def init(params):
         none = _tree_map(lambda p: None, params)

@@ -98,7 +98,7 @@ def cosine_lr(step: int, total: int, lr: float, min_lr: float = 0.0) -> float:
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _flags(select, params, fn: str) -> list[bool]:
+def _flags(select, params, fn: str, name: str = "select") -> list[bool]:
     paths, leaves, spec = optree.tree_flatten_with_path(params)
     if select is None:
         return [False] * len(leaves)
@@ -106,8 +106,8 @@ def _flags(select, params, fn: str) -> list[bool]:
         return [bool(select(".".join(str(k) for k in path))) for path in paths]
     flags, sel_spec = optree.tree_flatten(select)
     if sel_spec != spec or not all(isinstance(f, bool) for f in flags):
-        raise TypeError(f"{fn}(): select must be a predicate on parameter names or a pytree of bools with the "
-                        f"structure of params.\n  params: {spec}\n  select: {sel_spec}")
+        raise TypeError(f"{fn}(): {name} must be a predicate on parameter names or a pytree of bools with the "
+                        f"structure of params.\n  params: {spec}\n  {name}:{' ' * max(1, 7 - len(name))}{sel_spec}")
     return flags
 
 
@@ -223,7 +223,7 @@ def bn_statistics(model: torch.nn.Module, loss_fn: LossFn, params: PyTree, suppo
     layers = _norm_layers(model)
     params = optree.tree_map(torch.Tensor.detach, params)
     leaves, spec = optree.tree_flatten(params)
-    flags = _flags(per_step, params, "bn_statistics")
+    flags = _flags(per_step, params, "bn_statistics", "per_step")
     capture: list = [None]
 
     def make_hook(i):

@@ -144,6 +144,20 @@ def test_errors():
         imaml.meta_grad(quad_loss, params, at(support, slice(0, 0)), query[:0])
 
 
+
+def test_conjugate_gradient_errors_name_the_bad_value():
+    b = [torch.ones(2)]
+    with pytest.raises(ValueError, match=r"conjugate_gradient\(\): steps must be >= 0, got -1"):
+        imaml.conjugate_gradient(lambda v: v, b, steps=-1)  # was: x = 0 silently
+    with pytest.raises(TypeError, match=r"conjugate_gradient\(\): steps must be an int"):
+        imaml.conjugate_gradient(lambda v: v, b, steps=2.0)
+    with pytest.raises(TypeError, match=r"conjugate_gradient\(\): matvec must be callable"):
+        imaml.conjugate_gradient(None, b, steps=2)
+    with pytest.raises(TypeError, match=r"conjugate_gradient\(\): b must be a non-empty list of tensors"):
+        imaml.conjugate_gradient(lambda v: v, torch.ones(2), steps=2)
+    with pytest.raises(ValueError, match=r"matvec returned 2 tensors for 1; return A v as a list like v"):
+        imaml.conjugate_gradient(lambda v: v + v, b, steps=2)
+
 def test_conv_batch_norm_vmapped_equals_a_per_task_autograd_loop():
     from .test_maml import classification_batch, conv4
 

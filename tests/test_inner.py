@@ -11,6 +11,7 @@ from torch import nn
 
 from metabatch import inner, maml
 from metabatch import nn as mnn
+from metabatch.batching import batching_rules
 
 from .test_maml import MODELS, assert_close_grads, at, classification_batch, gen, init
 
@@ -355,9 +356,28 @@ def test_learned_rates_get_meta_gradients_through_momentum_and_adam():
 # ------------------------------------------------------------------ maml with inner= everywhere
 
 
+def sgd_reference(loss_fn, params, support, query, steps, lr):
+    """metabatch 0.9's meta_loss written out: `p - lr * g` per step, vmapped over tasks with the batching rules."""
+    leaves, spec = optree.tree_flatten(params)
+
+    def task(leaves, s, q):
+        for _ in range(steps):
+            grads = torch.func.grad(lambda ls: loss_fn(optree.tree_unflatten(spec, ls), s))(leaves)
+            leaves = [p - lr * g for p, g in zip(leaves, grads, strict=True)]
+        return loss_fn(optree.tree_unflatten(spec, leaves), q)
+
+    with batching_rules():
+        return torch.func.vmap(task, in_dims=(None, 0, 0), randomness="different")(leaves, support, query).mean()
+
+
 def test_default_inner_is_plain_sgd_exactly():
     _, loss_fn, params, support, query = setup("conv4")
     a = maml.meta_loss(loss_fn, params, support, query, steps=2, lr=0.3)
+    ref = sgd_reference(loss_fn, params, support, query, 2, 0.3)  # bitwise the update calls made before inner=
+    assert a.item() == ref.item()
+    g_ref = torch.autograd.grad(ref, list(params.values()))
+    assert all(torch.equal(x, y) for x, y in zip(torch.autograd.grad(a, list(params.values()), retain_graph=True),
+                                                  g_ref, strict=True))
     b = maml.meta_loss(loss_fn, params, support, query, steps=2, inner=inner.sgd(0.3))
     assert a.item() == b.item()
     ga = torch.autograd.grad(a, list(params.values()))
@@ -411,6 +431,10 @@ def test_bad_arguments_name_the_value():
         inner.adam({"a": 0.1, "b": torch.tensor([0.1, float("nan")])})
     with pytest.raises(ValueError, match=r"adam\(\): b2 must be < 1, got 1.0"):
         inner.adam(0.1, b2=1.0)
+    with pytest.raises(ValueError, match=r"adam\(\): eps must be > 0, got 0.0: .* 0/0 = NaN; .*eps=1e-8"):
+        inner.adam(0.1, eps=0.0)  # a zero gradient entry (a dead unit) would make its update NaN
+    tiny = inner.adam(0.1, eps=1e-30).update({"w": torch.zeros(2)}, inner.AdamState(0, None, None))[0]["w"]
+    assert torch.equal(tiny, torch.zeros(2))
     with pytest.raises(ValueError, match=r"momentum\(\): momentum must be >= 0.0"):
         inner.momentum(0.1, momentum=-0.5)
     with pytest.raises(TypeError, match=r"momentum\(\): nesterov must be True or False"):

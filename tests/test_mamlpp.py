@@ -191,6 +191,8 @@ def test_bn_statistics_equal_a_per_task_loop_and_drive_evaluation():
         net.train()
     with pytest.raises(ValueError, match="track_running_stats=True"):
         mamlpp.bn_statistics(bn_net(), loss_fn, params, support, steps=2, inner=opt, per_step=is_bn)
+    with pytest.raises(TypeError, match=r"bn_statistics\(\): per_step must be a predicate on parameter names"):
+        mamlpp.bn_statistics(net, loss_fn, params, support, steps=2, inner=opt, per_step={"1.weight": True})
 
 
 def test_stack_steps():
