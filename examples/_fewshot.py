@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -525,7 +524,7 @@ def _run(args, *, name: str, model_fn, train_task, val_task, evaluations, log, m
         **results,
         "train_loss_every_10": state["loss"][::10],
     }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    mb.checkpoint.save_json(metrics, args.out / "metrics.json")
     try:
         plot(state, args, args.out / "learning_curve.png", name)
     except ImportError:

@@ -41,7 +41,6 @@ tasks come from explicit keys, and the result is the same for any --num-workers.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import time
@@ -309,7 +308,7 @@ def run(args):
         "n_ctx_per_step": n_ctx_seen,
         "train_nll": history,
     }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    mb.checkpoint.save_json(metrics, args.out / "metrics.json")
     try:
         plot(model, task, history, by_batch, args, args.out / "predictions.png")
     except ImportError:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import pathlib
 import sys
@@ -240,7 +239,7 @@ def train(args, device):
         "train_loss": history,
         "checkpoint": str(ckpt),
     }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    mb.checkpoint.save_json(metrics, args.out / "metrics.json")
     print(f"trained steps {start}..{args.steps - 1} on {world_size} rank(s) in {train_s:.1f} s; "
           f"checkpoint {ckpt}")
     print(f"final: post-adaptation MSE {ev.loss:.3f} ± {ev.loss_ci:.3f} (K={args.shots}, 1 step, "

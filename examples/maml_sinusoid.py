@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import pathlib
 import time
@@ -337,7 +336,7 @@ def _run(args):
         "mse_vs_inner_steps": {"mean": mean.tolist(), "ci95": ci.tolist()},
         "train_loss_every_100": losses[::100],
     }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    mb.checkpoint.save_json(metrics, args.out / "metrics.json")
     try:
         plot(model, params, lr, mean, ci, batch, args, args.out / "adaptation.png")
     except ImportError:

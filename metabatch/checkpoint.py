@@ -5,6 +5,8 @@ flushes and fsyncs it, then renames it over the checkpoint in one atomic
 step: a crash at any moment leaves either the previous checkpoint or the new
 one, never a torn file. Temporaries that a crashed writer left behind are
 removed by the next [`save`][metabatch.checkpoint.save] to the same path.
+[`save_json`][metabatch.checkpoint.save_json] writes the small JSON files a run keeps beside its
+checkpoints (`metrics.json`) the same way.
 [`load`][metabatch.checkpoint.load] reads with `torch.load(..., weights_only=True)`, which never
 unpickles arbitrary objects: a checkpoint holds tensors, numbers, strings, and lists, tuples and
 dicts of them (`state_dict()` of modules and optimizers, a step, a seed).
@@ -21,17 +23,19 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-__all__ = ["load", "save"]
+__all__ = ["load", "save", "save_json"]
 
 # A crashed writer's temporary: ".<name>.<pid>.<random>.tmp" next to the checkpoint.
 _STALE_AFTER_S = 24 * 3600  # a temporary of a live pid this old is abandoned too (pid reuse)
@@ -88,13 +92,49 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
         >>> sorted(p.name for p in path.parent.iterdir())    # no temporary left behind
         ['last.pt']
     """
+    return _write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write `obj` as indented JSON to `path`, atomically (as [`save`][metabatch.checkpoint.save] does).
+
+    For the small files a run keeps beside its checkpoints (`metrics.json`, a config): a
+    crash while writing leaves the previous file whole.
+
+    Args:
+        obj: what `json.dump` accepts.
+        path: the file; its folder is created if missing.
+
+    Returns:
+        `path` as a `pathlib.Path`.
+
+    Raises:
+        TypeError: `obj` holds something JSON cannot encode (the previous file, if any, is intact).
+        OSError: the folder cannot be written (the previous file, if any, is intact).
+
+    Examples:
+        >>> import json, pathlib, tempfile, metabatch as mb
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> path = mb.checkpoint.save_json({"step": 3, "loss": 0.5}, folder / "metrics.json")
+        >>> json.loads(path.read_text())
+        {'step': 3, 'loss': 0.5}
+    """
+    def write(f: IO[bytes]) -> None:
+        text = json.dumps(obj, indent=2) + "\n"
+        f.write(text.encode())
+
+    return _write_atomically(Path(path), write)
+
+
+def _write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """`write(f)` into a temporary beside `path`, fsync, rename over `path`, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

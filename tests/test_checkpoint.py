@@ -74,3 +74,23 @@ def test_load_errors(tmp_path):
     bad.write_bytes(bad.read_bytes()[:50])
     with pytest.raises(ValueError, match=r"trunc\.pt.*not a readable checkpoint"):
         mb.checkpoint.load(bad)
+
+
+def test_save_json_round_trip_and_crash_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "run" / "metrics.json"
+    mb.checkpoint.save_json({"step": 1, "mse": [0.5, 0.25]}, path)
+    assert path.read_text() == '{\n  "step": 1,\n  "mse": [\n    0.5,\n    0.25\n  ]\n}\n'
+    before = path.read_bytes()
+
+    def crash(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", crash)  # the new file's bytes are written, then the disk fails
+    with pytest.raises(OSError, match="No space left"):
+        mb.checkpoint.save_json({"step": 2, "mse": [0.1]}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        mb.checkpoint.save_json({"step": object()}, path)
+    assert path.read_bytes() == before
