@@ -27,10 +27,12 @@ import math
 import optree
 import torch
 
+from . import _taskbatch as _batch
 from . import _validate
 from . import batching as _batching
 from . import inner as _inner
 from . import maml as _maml
+from . import random as _random
 from .typing import LossFn, Mask, PyTree, Rate
 
 __all__ = ["bn_statistics", "cosine_lr", "stack_steps", "step_weights"]
@@ -170,7 +172,8 @@ def _norm_layers(model):
 def bn_statistics(model: torch.nn.Module, loss_fn: LossFn, params: PyTree, support: PyTree,
                   query: PyTree | None = None, *, steps: int, lr: Rate | None = None,
                   inner: _inner.Optimizer | None = None,
-                  mask: Mask = None, per_step: Mask = None, batch_rules: bool = True) -> dict[str, torch.Tensor]:
+                  mask: Mask = None, per_step: Mask = None, key: _random.Key | None = None,
+                  batch_rules: bool = True) -> dict[str, torch.Tensor]:
     """Per-step batch-norm statistics of the adapted networks (MAML++'s BNRS), from a batch of tasks.
 
     For each task, the inner loop runs as in training (`steps`, `lr` or `inner`,
@@ -179,7 +182,8 @@ def bn_statistics(model: torch.nn.Module, loss_fn: LossFn, params: PyTree, suppo
     uses index `s` too). The mean and the unbiased variance over each recording, averaged over
     the recordings and the tasks, are the statistics of step `s`. MAML++ keeps such statistics
     as running averages during training; here they are computed from the parameters at hand, so
-    nothing is stored, and the same tasks give the same statistics.
+    nothing is stored, and the same tasks give the same statistics (with dropout in the
+    model: the same tasks and `key`).
 
     Use them at evaluation: put the model in eval mode (`model.eval()`: batch norm then
     normalises with running statistics) and pass `{**params, **stats}` with
@@ -196,6 +200,8 @@ def bn_statistics(model: torch.nn.Module, loss_fn: LossFn, params: PyTree, suppo
         inner: an inner-loop optimizer (as in [meta_loss][metabatch.maml.meta_loss]).
         mask: as in [meta_loss][metabatch.maml.meta_loss].
         per_step: as in [meta_loss][metabatch.maml.meta_loss].
+        key: as in [meta_loss][metabatch.maml.meta_loss]: seeds the random operations of the model
+            (dropout) for this call; `None` draws them from torch's global generator.
         batch_rules: as in [meta_loss][metabatch.maml.meta_loss].
 
     Returns:
@@ -263,7 +269,8 @@ def bn_statistics(model: torch.nn.Module, loss_fn: LossFn, params: PyTree, suppo
 
     handles = [m.register_forward_pre_hook(make_hook(i)) for i, (_, m) in enumerate(layers)]
     try:
-        with torch.no_grad(), _batching.batching_rules(_validate.flag(batch_rules, "batch_rules", "bn_statistics")):
+        rules = _validate.flag(batch_rules, "batch_rules", "bn_statistics")
+        with torch.no_grad(), _batch.seeded(key, optree.tree_leaves(params)), _batching.batching_rules(rules):
             if query is None:
                 out = torch.func.vmap(lambda s: task(s, None), randomness="different")(support)
             else:

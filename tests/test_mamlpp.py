@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import metabatch as mb
 from metabatch import inner, maml, mamlpp
 from metabatch import nn as mnn
 
@@ -204,3 +205,20 @@ def test_stack_steps():
         mamlpp.stack_steps(p, 4, lambda n: False)
     with pytest.raises(TypeError, match="select must be a predicate"):
         mamlpp.stack_steps(p, 4, {"a": 1, "b": 0})
+
+
+def test_bn_statistics_with_dropout_follow_the_key_not_the_global_generator():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(8),
+                              torch.nn.Linear(8, 2))
+    loss_fn, params = mb.nn.objective(net, torch.nn.functional.cross_entropy), mb.nn.params(net)
+    g = torch.Generator().manual_seed(1)
+    support = (torch.randn(4, 6, 3, generator=g), torch.randint(0, 2, (4, 6), generator=g))
+    k1, k2 = mb.random.split(mb.random.key(0))
+    state = torch.get_rng_state()
+    a = mamlpp.bn_statistics(net, loss_fn, params, support, steps=2, lr=0.1, key=k1)
+    b = mamlpp.bn_statistics(net, loss_fn, params, support, steps=2, lr=0.1, key=k1)
+    c = mamlpp.bn_statistics(net, loss_fn, params, support, steps=2, lr=0.1, key=k2)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is untouched
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["2.running_mean"], c["2.running_mean"])
