@@ -119,7 +119,7 @@ def plot(rows, path, info):
         return
     names = sorted({r["workload"] for r in rows})
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.4), squeeze=False)
-    for ax, workload in zip(axes.flat, names, strict=True):
+    for ax, workload in zip(axes.flat, names, strict=False):
         for method, color in (("maml", "tab:gray"), ("imaml", "tab:orange")):
             sel = sorted((r for r in rows if r["workload"] == workload and r["method"] == method and "peak_mb" in r),
                          key=lambda r: r["steps"])

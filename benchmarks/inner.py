@@ -191,7 +191,7 @@ def plot(rows, path, info):
         return
     panels = sorted({(r["workload"], r["steps"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.0), squeeze=False)
-    for ax, (workload, steps) in zip(axes.flat, panels, strict=True):
+    for ax, (workload, steps) in zip(axes.flat, panels, strict=False):
         sel = [r for r in rows if (r["workload"], r["steps"]) == (workload, steps) and "ms" in r]
         colors = ["tab:orange" if r["anchor"].startswith("metabatch") else "tab:gray" for r in sel]
         ax.barh(range(len(sel)), [r["ms"] for r in sel], color=colors)

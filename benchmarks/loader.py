@@ -452,7 +452,7 @@ def plot(result, path):
     fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(12, 4.8))
     styles = {"metabatch 0.9.1": ("tab:red", "s", 4), "task_loader": ("tab:blue", "o", 4),
               "torch sharing": ("tab:purple", "v", -11), "compat TaskLoader": ("tab:green", "^", -11)}
-    for ax, workload in zip(axes, WORKLOADS, strict=True):
+    for ax, workload in zip(axes, WORKLOADS, strict=False):
         base = med(rows, "in-loop", workload, 0)
         if base is not None:
             ax.axhline(base / 1e3, color="black", ls="--", lw=1, label=f"in-loop, 1 thread ({base / 1e3:.1f}k)")
@@ -469,7 +469,7 @@ def plot(result, path):
             err = [[(data[str(w)]["median"] - data[str(w)]["min"]) / 1e3 for w in ws],
                    [(data[str(w)]["max"] - data[str(w)]["median"]) / 1e3 for w in ws]]
             ax.errorbar(ws, y, yerr=err, color=color, marker=marker, capsize=3, label=method)
-            for w, v in zip(ws, y, strict=True):
+            for w, v in zip(ws, y, strict=False):
                 ax.annotate(f"{v:.1f}", (w, v), textcoords="offset points", xytext=(5, dy), fontsize=7, color=color)
         ax.set_title(WORKLOADS[workload]["title"], fontsize=10)
         ax.set_xlabel("num_workers (0 = in the main process)")

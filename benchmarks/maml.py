@@ -297,7 +297,7 @@ def make_jax_step(workload, steps, device="cpu"):
     lr = WORKLOADS[workload]["lr"]
     sizes = [(1, 40), (40, 40), (40, 1)]
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    params = [(jax.random.normal(k, s) * (1 / s[0]) ** 0.5, jnp.zeros(s[1])) for k, s in zip(keys, sizes, strict=True)]
+    params = [(jax.random.normal(k, s) * (1 / s[0]) ** 0.5, jnp.zeros(s[1])) for k, s in zip(keys, sizes, strict=False)]
 
     def net(p, x):
         for i, (w, b) in enumerate(p):
@@ -704,7 +704,7 @@ def plot(rows, path, info):
     fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 2.9 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, (workload, env, steps) in zip(axes.flat, panels, strict=True):
+    for ax, (workload, env, steps) in zip(axes.flat, panels, strict=False):
         sel = [r for r in rows if (r["workload"], r["env"], r["steps"]) == (workload, env, steps) and "ms" in r]
         if not sel:
             ax.axis("off")

@@ -313,7 +313,7 @@ def cell(spec: dict) -> dict:
             uss = [s["uss"] for s in snap["workers"]]
             main = snap["main"]["uss"]
             peak["main"] = max(peak["main"], main)
-            peak["workers"] = [max(a, b) for a, b in zip(peak["workers"], uss, strict=True)]
+            peak["workers"] = [max(a, b) for a, b in zip(peak["workers"], uss, strict=False)]
             peak["sum"] = max(peak["sum"], main + sum(uss))
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -580,7 +580,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
     titles = ("first batch (s): hatched = worker start, solid = the data's part",
               "largest worker USS (MB); black: without clean file pages",
               "USS of main + workers, end of epoch (MB)", "first batch of the next epoch (s)")
-    for ax, title in zip(axes, titles, strict=True):
+    for ax, title in zip(axes, titles, strict=False):
         ax.set_xticks(range(len(sizes)))
         ax.set_xticklabels([s if s == "empty" else f"{s} GB" for s in sizes])
         ax.set_title(title, fontsize=9)

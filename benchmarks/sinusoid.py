@@ -122,7 +122,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
         names = ["idle", "one core busy"]
         values = [shared["idle_ms_per_step"], shared["busy_ms_per_step"]]
         ax.bar(names, values, color=["tab:gray", "tab:orange"])
-        for i, (k, v) in enumerate(zip(("idle", "busy"), values, strict=True)):
+        for i, (k, v) in enumerate(zip(("idle", "busy"), values, strict=False)):
             ax.scatter([i] * len(shared["rounds"][k]), shared["rounds"][k], color="k", s=8, zorder=3)
             ax.text(i, v, f" {v:.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"main job, {shared['steps']} steps, default flags: ms/step (busy/idle "

@@ -401,7 +401,7 @@ def train(model, train_task, val_task, args, device, log, method: Method | None 
         bar = tqdm(total=args.steps, initial=state["start"], desc="meta-train", unit="step", mininterval=2.0)
     wall = time.perf_counter()
     step = state["start"]
-    for spec, batch in zip(specs, loader, strict=True):
+    for spec, batch in zip(specs, loader, strict=False):
         tic = time.perf_counter()
         batch = to_device(batch, device)
         loss = method.meta_loss(model, params, batch, spec.step)

@@ -174,7 +174,7 @@ def evaluate(model, task, args):
         rows["gp_posterior"].append(normal_loglik(*gp_posterior(task, xc, yc, xt), yt).mean(-1))
         n_ctx.append(k)
     per_task = {name: torch.cat(v) for name, v in rows.items()}
-    summary = {name: dict(zip(("mean", "ci95"), maml.mean_ci(v), strict=True)) for name, v in per_task.items()}
+    summary = {name: dict(zip(("mean", "ci95"), maml.mean_ci(v), strict=False)) for name, v in per_task.items()}
     by_batch = {"n_ctx": n_ctx, **{name: [v.mean().item() for v in vs] for name, vs in rows.items()}}
     return summary, by_batch
 

@@ -195,7 +195,7 @@ def train(args, device):
         print(f"{world_size} rank(s) on {device.type}, {specs.local_batch_size} of {args.meta_batch} tasks "
               f"each, {args.num_workers} loader worker(s) per rank; steps {start}..{args.steps - 1}", flush=True)
     trace, tic = [], time.perf_counter()
-    for spec, batch in zip(specs, loader, strict=True):
+    for spec, batch in zip(specs, loader, strict=False):
         batch = optree.tree_map(lambda t: t.to(device, dtype, non_blocking=True), batch)
         loss = maml.meta_loss(loss_fn, params, batch["context"], batch["target"], steps=args.inner_steps,
                               lr=args.inner_lr, first_order=args.first_order)

@@ -281,7 +281,7 @@ def _run(args):
     if args.resume is not None:
         ckpt = load_checkpoint(args.resume, args)
         with torch.no_grad():
-            for t, saved in zip(optree.tree_leaves(trainable), ckpt["trainable"], strict=True):
+            for t, saved in zip(optree.tree_leaves(trainable), ckpt["trainable"], strict=False):
                 t.copy_(saved)
         opt.load_state_dict(ckpt["opt"])
         start, losses = ckpt["step"], ckpt["losses"].tolist()

@@ -165,7 +165,8 @@ def _is_number(value: Any) -> bool:
 
 def is_traced(t: torch.Tensor) -> bool:
     """Whether `t` belongs to a `torch.func` transform or a trace, so that its values must not be read."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.compiler.is_compiling():
+    # is_compiling() first: Dynamo cannot trace the functorch query (and needs no answer from it)
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t):
         return True
     return type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
 
