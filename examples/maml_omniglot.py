@@ -49,7 +49,10 @@ schedule of the meta learning rate; each piece has its own flag (--no-msl drops 
 batch-norm statistics at evaluation, which hurts a model trained on batch statistics: docs/algorithms.md).
 A MAML++ step with 2 inner steps costs ~1.4x a MAML step, with 3 ~2x (measured side by side). On short
 runs (~800 MAML steps' worth of compute) MAML++ and MAML were level: 81.45% ± 1.11% (2 inner steps, 570
-steps) against 80.85% ± 1.18% (800 steps), 300 test tasks. The 30-minute comparison:
+steps) against 80.85% ± 1.18% (800 steps), 300 test tasks. The 30-minute comparison, run in one
+sitting on a host where a MAML step took 360-420 ms (30 minutes bought a third of the recipe's
+training): MAML 89.91% ± 0.65% (4 001 steps), MAML++ 88.79% ± 0.66% (2 992 steps), ProtoNet
+92.33% ± 0.59% (benchmarks/results/omniglot_*_30min.json):
 
     python examples/maml_omniglot.py --train DATA/images_background_small1.zip \
         --eval DATA/images_background_small2.zip --mamlpp --inner-steps 2 --test-steps 10 \
