@@ -19,6 +19,7 @@ Writes benchmarks/results/imaml_memory.json and imaml_memory.png.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -26,8 +27,6 @@ import pathlib
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -35,6 +34,7 @@ RESULTS = HERE / "results"
 METHODS = ["maml", "imaml"]
 
 
+@functools.cache
 def workloads():
     spec = importlib.util.spec_from_file_location("bench_maml", HERE / "maml.py")
     module = importlib.util.module_from_spec(spec)
@@ -97,15 +97,7 @@ def child(spec):
 
 
 def run_one(spec, timeout):
-    try:
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                             text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return json.loads(lines[-1])
+    return workloads().run_child(__file__, spec, timeout)
 
 
 def plot(rows, path, info):

@@ -447,8 +447,16 @@ def run_one(spec, env_extra, timeout, cache_dirs):
     if spec["anchor"] in COMPILED:  # one cache per anchor and run: cold in round 1, warm after
         key = (spec["workload"], spec["steps"], spec["anchor"])
         env["TORCHINDUCTOR_CACHE_DIR"] = cache_dirs.setdefault(key, tempfile.mkdtemp(prefix="inductor-"))
+    return run_child(__file__, spec, timeout, env)
+
+
+def run_child(script, spec: dict, timeout: float, env: dict | None = None) -> dict:
+    """Run `script --child SPEC` in a fresh process: its last JSON line, or {"error": ...}.
+
+    benchmarks/inner.py and imaml_memory.py run their anchors through it too.
+    """
     try:
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+        out = subprocess.run([sys.executable, str(script), "--child", json.dumps(spec)], capture_output=True,
                              text=True, env=env, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}

@@ -99,14 +99,8 @@ UPSTREAM = {"n_way": 5, "k_spt": 1, "k_qry": 15, "imgsz": 28, "task_num": 32, "m
             "update_step": 5, "update_step_test": 10}  # MAML-Pytorch's omniglot_train.py
 
 
-def make_parser():
-    p = _fewshot.parser(__doc__, DEFAULTS, UPSTREAM)
-    p.add_argument("--train", type=pathlib.Path, nargs="+", required=True, metavar="PATH",
-                   help="Omniglot zips or folders to meta-train on")
-    p.add_argument("--eval", type=pathlib.Path, nargs="+", default=None, metavar="PATH",
-                   help="evaluate on the characters of these zips/folders whose alphabets are not in --train")
-    p.add_argument("--eval-runs", type=pathlib.Path, default=None, metavar="DIR",
-                   help="evaluate on Lake et al.'s one-shot runs: all_runs.zip or its folder (needs --ways 20)")
+def add_data_flags(p) -> None:
+    """The Omniglot flags this script shares with protonet_omniglot.py: splits, model width, augmentation."""
     p.add_argument("--val-classes", type=_fewshot.int_at_least(1), default=20,
                    help="training characters held out for validation (default 20)")
     p.add_argument("--channels", type=_fewshot.int_at_least(1), default=64, help="conv filters (default 64)")
@@ -116,6 +110,17 @@ def make_parser():
                    help="mirror each class of a training task with probability 1/2 (a new character)")
     p.add_argument("--no-rotate", action="store_true", help="no 90-degree rotation augmentation")
     p.add_argument("--download", action="store_true", help="fetch missing official zips (omniglot.download)")
+
+
+def make_parser():
+    p = _fewshot.parser(__doc__, DEFAULTS, UPSTREAM)
+    p.add_argument("--train", type=pathlib.Path, nargs="+", required=True, metavar="PATH",
+                   help="Omniglot zips or folders to meta-train on")
+    p.add_argument("--eval", type=pathlib.Path, nargs="+", default=None, metavar="PATH",
+                   help="evaluate on the characters of these zips/folders whose alphabets are not in --train")
+    p.add_argument("--eval-runs", type=pathlib.Path, default=None, metavar="DIR",
+                   help="evaluate on Lake et al.'s one-shot runs: all_runs.zip or its folder (needs --ways 20)")
+    add_data_flags(p)
     pp = p.add_argument_group(
         "MAML++ (Antoniou et al. 2019)",
         "--mamlpp turns on --msl --lslr --bnwb --da; each flag turns one on (--bnrs) or off (--no-msl) on its "

@@ -52,15 +52,7 @@ def make_parser():
                    help="classes per training episode (default 20; the paper used 60)")
     p.add_argument("--distance", choices=("sqeuclidean", "cosine"), default="sqeuclidean",
                    help="distance to the prototypes (default sqeuclidean, the paper's)")
-    p.add_argument("--val-classes", type=_fewshot.int_at_least(1), default=20,
-                   help="training characters held out for validation (default 20)")
-    p.add_argument("--channels", type=_fewshot.int_at_least(1), default=64, help="conv filters (default 64)")
-    p.add_argument("--shift", type=_fewshot.int_at_least(0), default=2,
-                   help="move each training image by up to N pixels in x and y (default 2)")
-    p.add_argument("--flip", action="store_true",
-                   help="mirror each class of a training task with probability 1/2 (a new character)")
-    p.add_argument("--no-rotate", action="store_true", help="no 90-degree rotation augmentation")
-    p.add_argument("--download", action="store_true", help="fetch missing official zips (omniglot.download)")
+    maml_omniglot.add_data_flags(p)
     return p
 
 
